@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import sys
 from collections.abc import Iterator, Mapping
@@ -103,13 +104,11 @@ class Digest:
                 f"digest algorithm {algorithm!r} is not accepted as a security digest "
                 f"(expected one of {sorted(SECURE_ALGORITHMS)})"
             )
-        expected_len = 64 if algorithm in SECURE_ALGORITHMS else None
-        try:
-            bytes.fromhex(value)
-        except ValueError:
-            raise MalformedFileError(f"digest value is not hex: {text!r}") from None
-        if value != value.lower() or (expected_len is not None and len(value) != expected_len):
-            raise MalformedFileError(f"malformed digest value: {text!r}")
+        # A full match, not bytes.fromhex alone: fromhex skips whitespace, so
+        # "ab" * 30 + "    " would pass as a 64-character value of 30 bytes.
+        pattern = r"[0-9a-f]{64}" if algorithm in SECURE_ALGORITHMS else r"(?:[0-9a-f]{2})+"
+        if re.fullmatch(pattern, value) is None:
+            raise MalformedFileError(f"malformed digest value (expected lowercase hex): {text!r}")
         return cls(algorithm, value)
 
 

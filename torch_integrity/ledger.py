@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from torch_integrity.canonical import canonical_json, strict_loads
-from torch_integrity.errors import MalformedFileError, TamperedError, TruncatedError, UsageError
+from torch_integrity.errors import MalformedFileError, TamperedError, TruncatedError, UnsafePathError, UsageError
 from torch_integrity.fsutil import fsync_directory
 
 LEDGER_FILE = "ledger.jsonl"
@@ -88,6 +88,7 @@ class LedgerHead:
             or not isinstance(data.get("hash"), str)
             or not re.fullmatch(r"[0-9a-f]{64}", data["hash"])
             or data["count"] < 0
+            or (data["count"] == 0 and data["hash"] != GENESIS.hex())
         ):
             raise MalformedFileError(f"not a ledger head: {data!r}")
         return cls(data["count"], data["hash"])
@@ -160,7 +161,11 @@ def read_records(path: Path) -> Iterator[Record]:
             decoded = strict_loads(payload, what=f"{path} record {number - 1}")
             if not isinstance(decoded, dict) or not isinstance(decoded.get("body"), dict):
                 raise TamperedError(f"{path} record {number - 1}: body is not an object")
-            if canonical_json(decoded) != payload:
+            try:
+                canonical: bytes | None = canonical_json(decoded)
+            except ValueError:  # e.g. a lone surrogate escape, which UTF-8 cannot encode
+                canonical = None
+            if canonical != payload:
                 raise TamperedError(f"{path} record {number - 1}: payload is not canonical JSON")
             yield Record(number - 1, kind, prev.hex(), decoded["body"], digest.hex())
             prev = digest
@@ -228,6 +233,8 @@ class LedgerWriter:
         self.path = path
         self.flush_every = flush_every
         self._pending = 0
+        if path.is_symlink():
+            raise UnsafePathError(f"{path} is a symlink; refusing to append to it")
         if path.exists():
             self._drop_torn_tail()
             head = verify_ledger(path)
@@ -266,6 +273,8 @@ class LedgerWriter:
                 if cut >= 0:
                     position += cut + 1
                     break
+            if size - position <= MAX_LINE_BYTES and self._tail_is_whole_record(handle, position, size):
+                return
             warnings.warn(
                 f"{self.path}: removing {size - position} bytes of a record cut short by a crash "
                 "(it was never made durable)",
@@ -274,6 +283,40 @@ class LedgerWriter:
             handle.truncate(position)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def _tail_is_whole_record(self, handle: BinaryIO, position: int, size: int) -> bool:
+        """Handle a last line that is a complete, chained record but for its newline.
+
+        A crash can cut a record anywhere, but a record whose chain hash checks out is
+        whole: dropping it would lose a record. If only the newline is missing, add
+        it; if the newline was replaced by another byte, that is tampering.
+        """
+        prev = GENESIS
+        if position > 0:
+            handle.seek(max(0, position - 67))
+            before = handle.read(position - max(0, position - 67))
+            try:
+                prev = bytes.fromhex(before[:64].decode("ascii")) if len(before) == 67 else b""
+            except ValueError:
+                prev = b""
+        handle.seek(position)
+        tail = handle.read(size - position)
+        for candidate, newline_replaced in ((tail + b"\n", False), (tail[:-1] + b"\n", True)):
+            match = _HASH_SUFFIX.search(candidate)
+            if match is None or record_hash(prev, candidate[: match.start()] + b"}").hex() != match.group(1).decode():
+                continue
+            if newline_replaced:
+                raise TamperedError(
+                    f"{self.path}: the last record is complete but its final newline was replaced "
+                    f"by {tail[-1:]!r}; refusing to append"
+                )
+            warnings.warn(f"{self.path}: the last record lacked its newline; adding it", stacklevel=4)
+            handle.seek(size)
+            handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            return True
+        return False
 
     def append(self, kind: str, body: dict[str, Any], *, durable: bool = False) -> Record:
         """Append one record; with ``durable`` it is on disk when this returns."""

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from torch_integrity.canonical import canonical_json, strict_loads
-from torch_integrity.digest import BYTES_ALGORITHM, Digest, StateDigest, digest_state_dict, sha256_bytes
+from torch_integrity.digest import BYTES_ALGORITHM, Digest, StateDigest, digest_state_dict, root_of, sha256_bytes
 from torch_integrity.errors import DigestMismatchError, MalformedFileError, UsageError
 from torch_integrity.fsutil import atomic_writer, read_file_bytes
 from torch_integrity.safetensors_io import load_safetensors_buffer, write_safetensors
@@ -131,6 +131,7 @@ def save_checkpoint(
     *,
     metadata: Mapping[str, str] | None = None,
     threads: int | None = None,
+    digest_tensors: bool = True,
 ) -> SavedCheckpoint:
     """Save a training state atomically and durably, without pickle.
 
@@ -139,6 +140,7 @@ def save_checkpoint(
         state: nested dicts/lists/tuples of tensors and JSON scalars.
         metadata: extra string metadata for the header (run id, step, ...).
         threads: threads for hashing the tensors.
+        digest_tensors: also digest every tensor (skip when the caller digests them itself).
 
     Returns:
         The file's digest and every tensor's digest.
@@ -158,7 +160,7 @@ def save_checkpoint(
         if key in header:
             raise UsageError(f"metadata key {key!r} is reserved")
         header[key] = text
-    digests = digest_state_dict(cpu_tensors, threads=threads)
+    digests = digest_state_dict(cpu_tensors, threads=threads) if digest_tensors else StateDigest(root_of({}))
     try:
         with atomic_writer(path) as handle:
             file_hex = write_safetensors(handle, list(cpu_tensors.items()), metadata=header)

@@ -1,0 +1,482 @@
+"""``IntegrityCallback``: record a verifiable, resumable training run.
+
+Add one callback to a Lightning ``Trainer``::
+
+    trainer = L.Trainer(deterministic=True, callbacks=[IntegrityCallback("runs/exp1")])
+    trainer.fit(model, datamodule)
+
+The run directory then holds a hash-chained ledger (``run_start``, one ``step`` record
+per optimizer step, ``checkpoint`` records, ``run_end``) and pickle-free checkpoints
+(step 0 always). ``trainer.fit(model, data, ckpt_path="runs/exp1/checkpoints/step-...")``
+with the callback on the same directory resumes bit for bit and continues the ledger.
+
+Hooks stay thin: each is a guard plus a call into plain functions (digests, ledger,
+store, data instrumentation).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from torch_integrity import lightning_glue as glue
+from torch_integrity.batch import BATCH_ALGORITHM, digest_batch
+from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
+from torch_integrity.digest import digest_state_dict
+from torch_integrity.environment import code_digest, describe_environment, import_path
+from torch_integrity.errors import UsageError
+from torch_integrity.fingerprint import FINGERPRINT_ALGORITHM, fingerprint_tensors
+from torch_integrity.fsutil import TEMP_PREFIX
+from torch_integrity.ledger import LEDGER_FILE, LedgerWriter
+from torch_integrity.rng import capture_global_rng, derive_seed, restore_global_rng
+from torch_integrity.rundir import CHECKPOINT_DIR, RUN_FORMAT, checkpoint_relative_path, state_digest_to_json
+from torch_integrity.store import save_checkpoint
+
+STATE_FORMAT = "torch-integrity-callback-state-v1"
+
+
+@dataclass
+class _PendingStep:
+    """Micro-batches seen since the last optimizer step."""
+
+    epoch: int = 0
+    batch_indices: list[int] = field(default_factory=list)
+    indices: list[Any] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    losses: list[str | None] = field(default_factory=list)
+    lrs: list[list[float | str]] = field(default_factory=list)
+    real_steps: int = 0
+
+
+class IntegrityCallback(Callback):
+    """Records deterministic training state into a tamper-evident run directory.
+
+    Args:
+        run_dir: the run directory (created if missing). It must be empty or hold this
+            same run (when resuming with ``ckpt_path`` pointing at one of its checkpoints).
+        checkpoint_every_n_steps: take a checkpoint every N optimizer steps (segments
+            of N steps are what verifiers replay). Step 0 is always captured.
+        seed: run seed for data order and per-sample randomness. Default: the seed
+            given to ``seed_everything`` (``PL_GLOBAL_SEED``), else a fresh random one.
+            It is recorded either way.
+        fingerprint_every_n_steps: record a fast weight fingerprint every N steps
+            (0 = never). It lets a replay say at which step weights first diverged;
+            the checkpoints' SHA-256 digests decide integrity either way.
+        record_indices: record the sample indices of every batch.
+        data_manifest: optional dataset manifest (path) the run's samples belong to;
+            its root is bound into ``run_start``.
+        flush_every: step records buffered before they are handed to the OS.
+
+    Example:
+        >>> cb = IntegrityCallback("runs/demo", checkpoint_every_n_steps=50)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        checkpoint_every_n_steps: int = 100,
+        seed: int | None = None,
+        fingerprint_every_n_steps: int = 0,
+        record_indices: bool = True,
+        data_manifest: str | os.PathLike[str] | None = None,
+        flush_every: int = 256,
+    ) -> None:
+        if not isinstance(checkpoint_every_n_steps, int) or checkpoint_every_n_steps < 1:
+            raise UsageError(f"checkpoint_every_n_steps must be a positive int, got {checkpoint_every_n_steps!r}")
+        if not isinstance(fingerprint_every_n_steps, int) or fingerprint_every_n_steps < 0:
+            raise UsageError(f"fingerprint_every_n_steps must be an int >= 0, got {fingerprint_every_n_steps!r}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise UsageError(f"seed must be a non-negative int, got {seed!r}")
+        self.run_dir = Path(run_dir)
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.fingerprint_every_n_steps = fingerprint_every_n_steps
+        self.record_indices = record_indices
+        self.data_manifest = Path(data_manifest) if data_manifest is not None else None
+        self.flush_every = flush_every
+        self.run_seed: int = seed if seed is not None else -1
+        self._explicit_seed = seed is not None
+        self.run_id = ""
+        self._ledger: LedgerWriter | None = None
+        self._undo: Any = None
+        self._loaders: list[Instrumented] = []
+        self._resume: dict[str, Any] | None = None  # callback state loaded from the resume checkpoint
+        self._resume_entry: Any = None
+        self._restore_rng_at_next_batch: dict[str, Any] | None = None
+        self._pending = _PendingStep()
+        self._last_global_step = 0
+        self._validation_rng: dict[str, Any] | None = None
+        self._hooks: list[Any] = []
+        self._fingerprint_key = 0
+        self._active = False
+
+    # ---- identity -------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return "IntegrityCallback"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Our part of every checkpoint: run identity, RNG and data position."""
+        trainer = self._trainer
+        finished = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch) if trainer else False
+        return {
+            "format": STATE_FORMAT,
+            "run_id": self.run_id,
+            "run_seed": self.run_seed,
+            "fingerprint_key": self._fingerprint_key,
+            "step": trainer.global_step if trainer else 0,
+            "rng": capture_global_rng(),
+            "data": {
+                "epoch": trainer.current_epoch if trainer else 0,
+                "next_batch_idx": self._next_batch_idx,
+                "epoch_finished": finished,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("format") != STATE_FORMAT:
+            raise UsageError("the checkpoint's IntegrityCallback state has an unknown format")
+        self._resume = dict(state_dict)
+        self.run_seed = int(state_dict["run_seed"])
+
+    # ---- setup / teardown -------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer: pl.Trainer | None = trainer
+        self._next_batch_idx = 0
+        self._prepare_run_dir(trainer)
+        io = glue.IntegrityCheckpointIO(trainer.strategy.checkpoint_io, self.run_dir, self._on_checkpoint_loaded)
+        self._undo = glue.install(trainer, io, self._instrument)
+        if not torch.are_deterministic_algorithms_enabled():
+            glue.warn_once(
+                "IntegrityCallback: Trainer(deterministic=True) is not set; the run is recorded, but bit-exact "
+                "replay is not promised (the flag is recorded in run_start)."
+            )
+        self._active = True
+
+    def _prepare_run_dir(self, trainer: pl.Trainer) -> None:
+        self._held_run = (self.run_dir / LEDGER_FILE).exists() or (
+            self.run_dir.is_dir() and any(not p.name.startswith(".") for p in self.run_dir.iterdir())
+        )
+        if not trainer.is_global_zero:
+            return
+        try:
+            (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f"{TEMP_PREFIX}probe-{secrets.token_hex(4)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot write to the run directory {self.run_dir}: {exc.strerror or exc}") from None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Checkpoint restoration (which calls our checkpoint IO) has happened by now.
+        if self._active and self._held_run and self._resume_entry is None:
+            raise UsageError(
+                f"{self.run_dir} already holds a run (or other files). To resume it, pass "
+                f"ckpt_path=<one of {self.run_dir / CHECKPOINT_DIR}/*.safetensors> to trainer.fit; "
+                "otherwise choose an empty or new run directory."
+            )
+
+    def _on_checkpoint_loaded(self, entry: Any, state: dict[str, Any]) -> None:
+        self._resume_entry = entry
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self._active:
+            return
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+        self._active = False
+
+    # ---- data ----------------------------------------------------------------------------
+
+    def _instrument(self, loader: Any) -> None:
+        if self.run_seed < 0:
+            self.run_seed = self._choose_seed()
+        self._loaders.append(instrument_dataloader(loader, self))
+
+    def _choose_seed(self) -> int:
+        if self._resume is not None:
+            return int(self._resume["run_seed"])
+        env = os.environ.get("PL_GLOBAL_SEED")
+        if env is not None and env.lstrip("-").isdigit():
+            return int(env) % (1 << 63)
+        return secrets.randbits(63)
+
+    def plan_iteration(self) -> IterationPlan:
+        """Called by the sampler wrapper at the start of each pass over the data."""
+        trainer = self._trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        skip = 0
+        resume = self._resume
+        if resume is not None and not resume.get("_consumed"):
+            data = resume["data"]
+            if not data["epoch_finished"] and int(data["epoch"]) == epoch:
+                skip = int(data["next_batch_idx"])
+            resume["_consumed"] = True
+        return IterationPlan(epoch=epoch, skip=skip)
+
+    # ---- run start / end --------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active:
+            return
+        if self.run_seed < 0:
+            self.run_seed = self._choose_seed()
+        for index, optimizer in enumerate(trainer.optimizers):
+            self._hooks.append(optimizer.register_step_post_hook(self._make_post_hook(index)))
+        self._last_global_step = trainer.global_step
+        if self._resume is not None:
+            self.run_id = str(self._resume["run_id"])
+            self._fingerprint_key = int(self._resume["fingerprint_key"])
+            self._restore_rng_at_next_batch = self._resume["rng"]
+            self._next_batch_idx = int(self._resume["data"]["next_batch_idx"])
+        else:
+            self.run_id = secrets.token_hex(16)
+            self._fingerprint_key = derive_seed(self.run_id, "fingerprint")
+        if trainer.is_global_zero:
+            self._ledger = LedgerWriter(self.run_dir / LEDGER_FILE, flush_every=self.flush_every)
+            self._ledger.append("run_start", self._run_start_body(trainer, pl_module), durable=True)
+        if self._resume is None:
+            self._checkpoint(trainer)
+
+    def _run_start_body(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        datamodule = trainer.datamodule
+        classes: list[type] = [type(pl_module)]
+        if datamodule is not None:
+            classes.append(type(datamodule))
+        loaders = []
+        for item in self._loaders:
+            loader = item.loader
+            dataset = getattr(getattr(loader, "dataset", None), "dataset", getattr(loader, "dataset", None))
+            if dataset is not None:
+                classes.append(type(dataset))
+            loaders.append(
+                {
+                    "class": import_path(loader),
+                    "dataset": import_path(dataset) if dataset is not None else None,
+                    "batch_size": getattr(loader, "batch_size", None),
+                    "num_workers": getattr(loader, "num_workers", None),
+                    "persistent_workers": getattr(loader, "persistent_workers", None),
+                    "drop_last": getattr(loader, "drop_last", None),
+                    "sampler": import_path(getattr(item.sampler, "inner", None)) if item.sampler else None,
+                    "indices_recorded": item.sampler is not None and self.record_indices,
+                }
+            )
+        body: dict[str, Any] = {
+            "format": RUN_FORMAT,
+            "run_id": self.run_id,
+            "seed": self.run_seed,
+            "global_seed": os.environ.get("PL_GLOBAL_SEED"),
+            "module": import_path(pl_module),
+            "datamodule": import_path(datamodule) if datamodule is not None else None,
+            "hyperparameters": glue.json_safe(dict(pl_module.hparams)),
+            "datamodule_hyperparameters": glue.json_safe(dict(datamodule.hparams)) if datamodule is not None else None,
+            "code": code_digest(classes),
+            "trainer": _trainer_settings(trainer),
+            "environment": describe_environment(),
+            "loaders": loaders,
+            "checkpoint_every_n_steps": self.checkpoint_every_n_steps,
+            "fingerprint_every_n_steps": self.fingerprint_every_n_steps,
+            "digests": {"data": BATCH_ALGORITHM, "fingerprint": FINGERPRINT_ALGORITHM},
+            "data_manifest": self._manifest_reference(),
+            "resume": None,
+        }
+        if self._resume is not None:
+            entry = self._resume_entry
+            body["resume"] = {
+                "step": int(self._resume["step"]),
+                "checkpoint_seq": entry.seq if entry is not None else None,
+                "file": entry.path if entry is not None else None,
+            }
+        return body
+
+    def _manifest_reference(self) -> Any:
+        if self.data_manifest is None:
+            return None
+        from torch_integrity import manifest
+
+        return manifest.manifest_reference(manifest.load_manifest(self.data_manifest))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._ledger is not None:
+            self._ledger.append("run_end", {"status": "completed", "step": trainer.global_step}, durable=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._ledger is not None:
+            try:
+                self._ledger.flush(durable=True)
+            except OSError:
+                pass
+
+    # ---- per batch ----------------------------------------------------------------------------
+
+    def _make_post_hook(self, index: int) -> Any:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._pending.real_steps += 1
+
+        return hook
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._active:
+            return
+        if self._restore_rng_at_next_batch is not None:
+            restore_global_rng(self._restore_rng_at_next_batch)
+            self._restore_rng_at_next_batch = None
+        pending = self._pending
+        if not pending.batch_indices:
+            pending.epoch = trainer.current_epoch
+        pending.batch_indices.append(batch_idx)
+        indices = self._pop_indices(batch_idx)
+        if indices is not None:
+            pending.indices.extend(indices if isinstance(indices, list) else [indices])
+            pending.sizes.append(len(indices) if isinstance(indices, list) else 1)
+        pending.data.append(digest_batch(batch).hex)
+
+    def _pop_indices(self, batch_idx: int) -> Any:
+        if not self.record_indices:
+            return None
+        recorders = [item.sampler for item in self._loaders if item.sampler is not None]
+        if len(self._loaders) != 1 or not recorders:
+            return None
+        popped = recorders[0].pop()
+        if popped is None:
+            return None
+        _, recorded_idx, indices = popped
+        if recorded_idx != batch_idx:
+            raise UsageError(
+                f"batch index mismatch: the sampler handed out batch {recorded_idx} but Lightning trains batch "
+                f"{batch_idx}; the training DataLoader was iterated outside the training loop"
+            )
+        return indices
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._active:
+            self._pending.lrs.append(glue.optimizer_lrs(optimizer))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        self._pending.losses.append(glue.loss_bits(outputs))
+        self._next_batch_idx = batch_idx + 1
+        step = trainer.global_step
+        if step == self._last_global_step:
+            return
+        self._record_step(trainer, pl_module, step)
+        previous = self._last_global_step
+        self._last_global_step = step
+        if step // self.checkpoint_every_n_steps > previous // self.checkpoint_every_n_steps:
+            self._checkpoint(trainer)
+
+    def _record_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        pending = self._pending
+        self._pending = _PendingStep()
+        if self._ledger is None:
+            return
+        single = len(pending.data) == 1
+        body: dict[str, Any] = {
+            "step": step,
+            "epoch": pending.epoch,
+            "batch_idx": pending.batch_indices[0] if pending.batch_indices else None,
+            "indices": pending.indices if pending.sizes else None,
+            "data": pending.data[0] if single else pending.data,
+            "loss": pending.losses[0] if single else pending.losses,
+            "lr": pending.lrs,
+        }
+        if not single:
+            body["sizes"] = pending.sizes
+        if pending.real_steps < len(pending.lrs):
+            body["skipped_optimizer_steps"] = len(pending.lrs) - pending.real_steps
+        if self.fingerprint_every_n_steps and step % self.fingerprint_every_n_steps == 0:
+            body["fp"] = fingerprint_tensors(pl_module.state_dict().items(), key=self._fingerprint_key)
+        self._ledger.append("step", body)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _checkpoint(self, trainer: pl.Trainer) -> None:
+        checkpoint = glue.dump_training_state(trainer)
+        if not trainer.is_global_zero or self._ledger is None:
+            return
+        dropped: list[str] = []
+        state = glue.storable(checkpoint, "", dropped)
+        step = trainer.global_step
+        relative = checkpoint_relative_path(step)
+        saved = save_checkpoint(
+            self.run_dir / relative,
+            state,
+            metadata={"torch_integrity.run_id": self.run_id, "torch_integrity.step": str(step)},
+            digest_tensors=False,
+        )
+        model, optimizer = glue.state_digests(state)
+        others = digest_state_dict(glue.optimizer_tensors(state.get("callbacks")))
+        self._ledger.append(
+            "checkpoint",
+            {
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "file": relative,
+                "file_digest": str(saved.file_digest),
+                "model": state_digest_to_json(model),
+                "optimizer": state_digest_to_json(optimizer),
+                "rng_and_loop_root": str(others.root),
+                "data_position": {"epoch": trainer.current_epoch, "next_batch_idx": self._next_batch_idx},
+                "unstored": dropped,
+            },
+            durable=True,
+        )
+
+    # ---- validation must not disturb the training RNG stream -------------------------------------
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active and not trainer.sanity_checking:
+            self._validation_rng = capture_global_rng()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validation_rng is not None:
+            restore_global_rng(self._validation_rng)
+            self._validation_rng = None
+
+
+def _trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
+    """The Trainer settings that decide what training computes."""
+    return glue.json_safe(
+        {
+            "max_epochs": trainer.max_epochs,
+            "min_epochs": trainer.min_epochs,
+            "max_steps": trainer.max_steps,
+            "min_steps": trainer.min_steps,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "gradient_clip_val": trainer.gradient_clip_val,
+            "gradient_clip_algorithm": trainer.gradient_clip_algorithm,
+            "precision": str(trainer.precision),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "limit_train_batches": trainer.limit_train_batches,
+            "val_check_interval": trainer.val_check_interval,
+            "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
+            "reload_dataloaders_every_n_epochs": trainer.reload_dataloaders_every_n_epochs,
+            "accelerator": type(trainer.accelerator).__name__,
+            "strategy": type(trainer.strategy).__name__,
+            "num_devices": trainer.num_devices,
+            "num_nodes": trainer.num_nodes,
+            "world_size": trainer.world_size,
+        }
+    )
