@@ -113,7 +113,6 @@ class IntegrityCallback(Callback):
         self._restore_rng_at_next_batch: dict[str, Any] | None = None
         self._pending = _PendingStep()
         self._last_global_step = 0
-        self._validation_rng: dict[str, Any] | None = None
         self._hooks: list[Any] = []
         self._fingerprint_key = 0
         self._active = False
@@ -337,6 +336,8 @@ class IntegrityCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._active:
             return
+        # The training RNG stream advances only inside training batches: whatever ran since
+        # the last batch ended (validation, epoch ends, a resume) is undone here.
         if self._restore_rng_at_next_batch is not None:
             restore_global_rng(self._restore_rng_at_next_batch)
             self._restore_rng_at_next_batch = None
@@ -380,12 +381,14 @@ class IntegrityCallback(Callback):
         self._next_batch_idx = batch_idx + 1
         step = trainer.global_step
         if step == self._last_global_step:
+            self._restore_rng_at_next_batch = capture_global_rng()
             return
         self._record_step(trainer, pl_module, step)
         previous = self._last_global_step
         self._last_global_step = step
         if step // self.checkpoint_every_n_steps > previous // self.checkpoint_every_n_steps:
             self._checkpoint(trainer)
+        self._restore_rng_at_next_batch = capture_global_rng()
 
     def _record_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         pending = self._pending
@@ -443,18 +446,6 @@ class IntegrityCallback(Callback):
             },
             durable=True,
         )
-
-    # ---- validation must not disturb the training RNG stream -------------------------------------
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._active and not trainer.sanity_checking:
-            self._validation_rng = capture_global_rng()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._validation_rng is not None:
-            restore_global_rng(self._validation_rng)
-            self._validation_rng = None
-
 
 def _trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
     """The Trainer settings that decide what training computes."""

@@ -1,0 +1,375 @@
+"""Segment replay: re-run recorded training and check it bit for bit.
+
+``replay(run_dir)`` verifies the ledger, splits the run into segments (checkpoint to
+checkpoint), and replays each one through a real Lightning ``Trainer`` with the
+recorded settings: it checks the start checkpoint and the model-code digest before
+anything runs, restores the checkpoint, feeds exactly the recorded batches, and compares
+each step and the end checkpoint. Segments are independent and can run in parallel
+processes (``workers``).
+
+Verdicts per segment: ``reproduced`` (bit for bit), ``within-tolerance`` (only with a
+tolerance; never called bit-exact), ``diverged`` (with the first divergence).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch_integrity.errors import ReplayEnvironmentError, UsageError, VerificationFailure
+from torch_integrity.segments import Segment, plan_segments, select_segments
+
+
+class CodeChangedError(VerificationFailure):
+    """The user's code differs from what the run recorded."""
+
+
+class Verdict(str, enum.Enum):
+    """Outcome of replaying one segment."""
+
+    REPRODUCED = "reproduced"
+    WITHIN_TOLERANCE = "within-tolerance"
+    DIVERGED = "diverged"
+
+
+@dataclass
+class SegmentResult:
+    """What replaying one segment found."""
+
+    index: int
+    start_step: int
+    end_step: int
+    verdict: Verdict
+    reason: str
+    divergence: dict[str, Any] | None = None
+    steps_checked: int = 0
+    environment_differences: list[str] = field(default_factory=list)
+    code_changed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["verdict"] = self.verdict.value
+        return data
+
+
+@dataclass
+class ReplayReport:
+    """Results for every replayed segment, plus what the selection means."""
+
+    run_dir: str
+    run_id: str
+    total_segments: int
+    segments: list[SegmentResult]
+    notes: list[str] = field(default_factory=list)
+    detection_probability: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.verdict is not Verdict.DIVERGED for s in self.segments)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_dir": self.run_dir,
+            "run_id": self.run_id,
+            "total_segments": self.total_segments,
+            "replayed": len(self.segments),
+            "ok": self.ok,
+            "detection_probability": self.detection_probability,
+            "notes": self.notes,
+            "segments": [s.to_json() for s in self.segments],
+        }
+
+
+# ---- building the user's objects ------------------------------------------------------------
+
+
+def _import(path: str) -> Any:
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"{path!r} is not MODULE:NAME")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ReplayEnvironmentError(f"cannot import {module_name!r}: {exc}") from None
+    obj: Any = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ReplayEnvironmentError(f"{module_name!r} has no {attribute!r}") from None
+    return obj
+
+
+def _has_unrebuildable(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "$repr" in value or any(_has_unrebuildable(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_unrebuildable(v) for v in value)
+    return False
+
+
+def build_model_and_data(run_start: dict[str, Any], factory: str | None) -> tuple[Any, Any]:
+    """The LightningModule and the data (DataModule, DataLoader or None) for a replay."""
+    if factory is not None:
+        made = _import(factory)()
+        if not isinstance(made, tuple) or len(made) != 2:
+            raise UsageError(f"--factory {factory} must return (model, data)")
+        return made
+    module_path = run_start.get("module")
+    if not module_path:
+        raise ReplayEnvironmentError(
+            "the run's LightningModule was defined where it cannot be imported (a script's __main__ or a local "
+            "class); pass --factory MODULE:FUNCTION returning (model, data)"
+        )
+    hyperparameters = run_start.get("hyperparameters") or {}
+    if _has_unrebuildable(hyperparameters):
+        raise ReplayEnvironmentError("the module's hyperparameters hold objects that were not recorded; pass --factory")
+    model = _import(module_path)(**hyperparameters)
+    data = None
+    if run_start.get("datamodule"):
+        dm_hparams = run_start.get("datamodule_hyperparameters") or {}
+        if _has_unrebuildable(dm_hparams):
+            raise ReplayEnvironmentError("the datamodule's hyperparameters hold objects that were not recorded; pass --factory")
+        data = _import(run_start["datamodule"])(**dm_hparams)
+    else:
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if not is_overridden("train_dataloader", model):
+            raise ReplayEnvironmentError(
+                "the run's training data was passed to fit() as a DataLoader, which cannot be rebuilt from the "
+                "ledger; pass --factory MODULE:FUNCTION returning (model, dataloader)"
+            )
+    return model, data
+
+
+def code_differences(run_start: dict[str, Any]) -> list[str]:
+    """Modules whose source differs from the recorded digest (imports them)."""
+    import hashlib
+
+    changed = []
+    for module_name, recorded in sorted((run_start.get("code") or {}).get("files", {}).items()):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            changed.append(f"{module_name}: cannot be imported")
+            continue
+        path = getattr(module, "__file__", None)
+        if not path:
+            changed.append(f"{module_name}: has no source file")
+            continue
+        current = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if current != recorded:
+            changed.append(f"{module_name}: recorded {recorded}, now {current}")
+    return changed
+
+
+# ---- one segment ---------------------------------------------------------------------------
+
+
+def _trainer_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    accelerator = "gpu" if settings.get("accelerator") == "CUDAAccelerator" and torch.cuda.is_available() else "cpu"
+    return {
+        "accelerator": accelerator,
+        "devices": 1,
+        "max_epochs": settings.get("max_epochs"),
+        "min_epochs": settings.get("min_epochs"),
+        "max_steps": settings.get("max_steps", -1),
+        "min_steps": settings.get("min_steps"),
+        "accumulate_grad_batches": settings.get("accumulate_grad_batches", 1),
+        "gradient_clip_val": settings.get("gradient_clip_val"),
+        "gradient_clip_algorithm": settings.get("gradient_clip_algorithm"),
+        "precision": settings.get("precision", "32-true"),
+        "deterministic": bool(settings.get("deterministic")),
+        "limit_train_batches": settings.get("limit_train_batches", 1.0),
+        "reload_dataloaders_every_n_epochs": settings.get("reload_dataloaders_every_n_epochs", 0),
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+
+
+def replay_segment(
+    run_dir: str | os.PathLike[str],
+    index: int,
+    *,
+    factory: str | None = None,
+    tolerance: float | None = None,
+    allow_code_change: bool = False,
+) -> SegmentResult:
+    """Replay segment ``index`` of a run in this process (see :func:`replay`)."""
+    import lightning.pytorch as pl
+
+    from torch_integrity.environment import compare_environments, describe_environment
+    from torch_integrity.replay_callback import ReplayCallback
+    from torch_integrity.rundir import open_run
+
+    began = time.perf_counter()
+    root = Path(run_dir)
+    history = open_run(root)
+    segments, _ = plan_segments(history)
+    if not 0 <= index < len(segments):
+        raise UsageError(f"segment {index} does not exist; the run has {len(segments)}")
+    segment = segments[index]
+    run_start = segment.run_start
+    changed = code_differences(run_start) if factory is None else []
+    model, data = build_model_and_data(run_start, factory)
+    if factory is not None:
+        changed = code_differences(run_start)
+    if changed and not allow_code_change:
+        raise CodeChangedError("the model code changed since capture (refusing to replay): " + "; ".join(changed))
+    settings = run_start.get("trainer", {})
+    if settings.get("world_size", 1) != 1:
+        raise ReplayEnvironmentError(f"the run used {settings.get('world_size')} processes; this replay runs one")
+    # the start checkpoint's file and digests are verified by the checkpoint IO before use
+    history.load_checkpoint(segment.start)
+    callback = ReplayCallback(root, segment, tolerance=tolerance)
+    seed = run_start.get("global_seed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if seed is not None:
+            pl.seed_everything(int(seed), verbose=False)
+        trainer = pl.Trainer(callbacks=[callback], **_trainer_kwargs(settings))
+        # compared after the Trainer applied its settings (deterministic flags), before training
+        differences = compare_environments(run_start.get("environment", {}), describe_environment())
+        fit_args: dict[str, Any] = {"ckpt_path": str((root / segment.start.path).resolve())}
+        if isinstance(data, pl.LightningDataModule):
+            fit_args["datamodule"] = data
+        elif data is not None:
+            fit_args["train_dataloaders"] = data
+        trainer.fit(model, **fit_args)
+    return _result(segment, callback, differences, changed, tolerance, time.perf_counter() - began)
+
+
+def _result(segment: Segment, callback: Any, env: list[str], changed: list[str], tolerance: float | None, seconds: float) -> SegmentResult:
+    if callback.divergence is not None:
+        verdict, reason = Verdict.DIVERGED, callback.divergence.describe()
+        divergence = _divergence_json(callback.divergence)
+    elif not callback.reached_end:
+        verdict, reason, divergence = Verdict.DIVERGED, f"training stopped before reaching step {segment.end_step}", None
+    elif tolerance is not None:
+        verdict = Verdict.WITHIN_TOLERANCE
+        reason = f"end weights within relative L2 {callback.max_relative_l2:.3g} <= tolerance {tolerance} (not a bit-exact claim)"
+        divergence = None
+    else:
+        verdict, reason, divergence = Verdict.REPRODUCED, "reproduced bit for bit", None
+        if env:
+            reason += " (in an environment that differs from the recorded one)"
+    if changed:
+        reason += "; replayed with CHANGED CODE (--allow-code-change): " + "; ".join(changed)
+    return SegmentResult(segment.index, segment.start_step, segment.end_step, verdict, reason, divergence,
+                         callback.steps_checked, env, changed, round(seconds, 3))
+
+
+def _divergence_json(divergence: Any) -> dict[str, Any]:
+    data = asdict(divergence)
+    return json.loads(json.dumps(data, default=str))
+
+
+def _replay_one(args: tuple[str, int, str | None, float | None, bool]) -> SegmentResult:
+    run_dir, index, factory, tolerance, allow = args
+    return replay_segment(run_dir, index, factory=factory, tolerance=tolerance, allow_code_change=allow)
+
+
+def replay(
+    run_dir: str | os.PathLike[str],
+    *,
+    segments: list[int] | None = None,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    sample: int | None = None,
+    seed: int | None = None,
+    workers: int = 1,
+    factory: str | None = None,
+    tolerance: float | None = None,
+    allow_code_change: bool = False,
+    progress: Callable[[SegmentResult, int, int], None] | None = None,
+) -> ReplayReport:
+    """Replay segments of a recorded run and report per segment.
+
+    Args:
+        run_dir: the run directory.
+        segments: segment indices to replay (default: all).
+        from_step, to_step: replay the segments overlapping this step range.
+        sample, seed: replay ``sample`` segments chosen with the verifier's ``seed``.
+        workers: parallel processes (segments are independent).
+        factory: ``MODULE:FUNCTION`` returning ``(model, data)`` for code that cannot be
+            rebuilt from the recorded import paths and hyperparameters.
+        tolerance: compare end weights by relative L2 distance instead of bits (for
+            other hardware); such a verdict never claims bit-exactness.
+        allow_code_change: replay even though the model code changed (reported).
+        progress: called after each segment with ``(result, done, total)``.
+
+    Returns:
+        The :class:`ReplayReport`; check ``report.ok``.
+
+    Example:
+        >>> report = replay("runs/demo")  # doctest: +SKIP
+        >>> [s.verdict.value for s in report.segments]  # doctest: +SKIP
+        ['reproduced', 'reproduced']
+    """
+    from torch_integrity.rundir import open_run
+
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if tolerance is not None and not tolerance >= 0:
+        raise UsageError("--tolerance must be a non-negative number")
+    root = Path(run_dir)
+    history = open_run(root)
+    planned, notes = plan_segments(history)
+    if not planned:
+        raise UsageError(f"{root} has no complete segment (two checkpoints with steps between them) to replay")
+    chosen = select_segments(planned, indices=segments, from_step=from_step, to_step=to_step, sample=sample, seed=seed)
+    if factory is None:
+        changed = code_differences(chosen[0].run_start)
+        if changed and not allow_code_change:
+            raise CodeChangedError("the model code changed since capture (refusing to replay): " + "; ".join(changed))
+    probability = None
+    if sample is not None:
+        probability = len(chosen) / len(planned)
+        notes.append(
+            f"sampled {len(chosen)} of {len(planned)} segments with seed {seed}: a run with exactly one tampered "
+            f"segment passes this check with probability {1 - probability:.3f}"
+        )
+    jobs = [(str(root), s.index, factory, tolerance, allow_code_change) for s in chosen]
+    results: list[SegmentResult] = []
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            results.append(_replay_one(job))
+            if progress:
+                progress(results[-1], len(results), len(jobs))
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context, initializer=_worker_init,
+                                 initargs=(list(sys.path),)) as pool:
+            for result in pool.map(_replay_one, jobs):
+                results.append(result)
+                if progress:
+                    progress(result, len(results), len(jobs))
+    return ReplayReport(str(root), history.run_id, len(planned), results, notes, probability)
+
+
+def _worker_init(paths: list[str]) -> None:
+    for path in reversed(paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,276 @@
+"""The Lightning side of a segment replay: feed the recorded batches, compare as we go.
+
+The callback restores the segment's start checkpoint through the same pickle-free
+checkpoint IO as a resume, puts the training DataLoader in replay mode (it yields the
+recorded indices, with the recorded per-sample seeds), and compares every micro-batch's
+content digest, every loss, learning rate and fingerprint, and at the end step the model
+and optimizer digests. It never raises inside Lightning: the first divergence is stored
+and training is stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from torch_integrity import lightning_glue as glue
+from torch_integrity.batch import digest_batch
+from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
+from torch_integrity.fingerprint import fingerprint_tensors
+from torch_integrity.rng import capture_global_rng, restore_global_rng
+from torch_integrity.segments import Segment
+
+
+@dataclass(frozen=True)
+class TensorDifference:
+    """How one tensor differs from the recorded one."""
+
+    name: str
+    max_abs: float
+    relative_l2: float
+    note: str = ""
+
+
+@dataclass
+class Divergence:
+    """The first point where the replay and the record disagree."""
+
+    step: int
+    check: str  # data | loss | lr | fingerprint | weights | optimizer | steps
+    recorded: Any
+    reproduced: Any
+    batch_idx: int | None = None
+    epoch: int | None = None
+    rank: int = 0
+    tensors: list[TensorDifference] = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = f"step {self.step}"
+        if self.batch_idx is not None:
+            where += f" (epoch {self.epoch}, batch {self.batch_idx})"
+        text = f"{self.check} diverged at {where}: recorded {self.recorded}, reproduced {self.reproduced}"
+        if self.tensors:
+            shown = ", ".join(f"{t.name} (max abs {t.max_abs:.3g}, rel L2 {t.relative_l2:.3g})" for t in self.tensors[:5])
+            text += f"; tensors: {shown}" + (f" and {len(self.tensors) - 5} more" if len(self.tensors) > 5 else "")
+        return text
+
+
+def _loss_value(bits: str | None) -> float | None:
+    if bits is None:
+        return None
+    dtype, _, hexed = bits.partition(":")
+    raw = bytes.fromhex(hexed)[::-1]
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        return None
+    return float(torch.frombuffer(bytearray(raw), dtype=torch_dtype)[0].item())
+
+
+class ReplayCallback(Callback):
+    """Replays one segment; see the module docstring."""
+
+    def __init__(self, run_dir: Path, segment: Segment, *, tolerance: float | None = None) -> None:
+        self.run_dir = run_dir
+        self.segment = segment
+        self.tolerance = tolerance
+        self.run_seed = int(segment.run_start.get("seed", 0))
+        self.divergence: Divergence | None = None
+        self.steps_checked = 0
+        self.reached_end = False
+        self.max_relative_l2 = 0.0
+        self._resume: dict[str, Any] | None = None
+        self._restore_rng: dict[str, Any] | None = None
+        self._loaders: list[Instrumented] = []
+        self._undo: Any = None
+        self._trainer: pl.Trainer | None = None
+        self._expected: deque[tuple[dict[str, Any], int]] = deque()
+        for record in segment.steps:
+            data = record.body.get("data")
+            count = len(data) if isinstance(data, list) else 1
+            for micro in range(count):
+                self._expected.append((record.body, micro))
+        self._current_step: dict[str, Any] | None = None
+        self._losses: list[str | None] = []
+        self._lrs: list[list[float | str]] = []
+        self._last_global_step = segment.start_step
+        self.fingerprint_key = 0
+
+    @property
+    def state_key(self) -> str:
+        return "IntegrityCallback"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict)
+        self.run_seed = int(state_dict["run_seed"])
+        self.fingerprint_key = int(state_dict["fingerprint_key"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        io = glue.IntegrityCheckpointIO(trainer.strategy.checkpoint_io, self.run_dir, lambda entry, state: None)
+        self._undo = glue.install(trainer, io, lambda loader: self._loaders.append(instrument_dataloader(loader, self)))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    def plan_iteration(self) -> IterationPlan:
+        epoch = self._trainer.current_epoch if self._trainer is not None else 0
+        batches = []
+        for record in self.segment.steps:
+            body = record.body
+            if body.get("epoch") != epoch or body.get("indices") is None:
+                continue
+            sizes = body.get("sizes") or [len(body["indices"])]
+            offset = 0
+            for micro, size in enumerate(sizes):
+                batches.append((int(body["batch_idx"]) + micro, body["indices"][offset : offset + size]))
+                offset += size
+        if batches:
+            return IterationPlan(epoch=epoch, replay=batches)
+        skip = 0
+        if self._resume is not None and not self._resume.get("_consumed"):
+            data = self._resume["data"]
+            if not data["epoch_finished"] and int(data["epoch"]) == epoch:
+                skip = int(data["next_batch_idx"])
+            self._resume["_consumed"] = True
+        return IterationPlan(epoch=epoch, skip=skip)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resume is not None:
+            self._restore_rng = self._resume["rng"]
+        if trainer.global_step != self.segment.start_step:
+            self._diverge(trainer.global_step, "steps", self.segment.start_step, trainer.global_step)
+
+    def _diverge(self, step: int, check: str, recorded: Any, reproduced: Any, **extra: Any) -> None:
+        if self.divergence is None:
+            self.divergence = Divergence(step=step, check=check, recorded=recorded, reproduced=reproduced, **extra)
+        if self._trainer is not None:
+            self._trainer.should_stop = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._restore_rng is not None:
+            restore_global_rng(self._restore_rng)
+            self._restore_rng = None
+        if self.divergence is not None:
+            return
+        if not self._expected:
+            self._diverge(trainer.global_step + 1, "steps", "end of segment", f"an extra batch {batch_idx}")
+            return
+        body, micro = self._expected.popleft()
+        self._current_step = body
+        recorded = body["data"][micro] if isinstance(body.get("data"), list) else body.get("data")
+        reproduced = digest_batch(batch).hex
+        if recorded != reproduced:
+            self._diverge(int(body["step"]), "data", recorded, reproduced, batch_idx=batch_idx, epoch=trainer.current_epoch)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._lrs.append(glue.optimizer_lrs(optimizer))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._losses.append(glue.loss_bits(outputs))
+        self._restore_rng = capture_global_rng()  # RNG advances only inside training batches
+        step = trainer.global_step
+        if step == self._last_global_step:
+            return
+        self._last_global_step = step
+        body = self._current_step
+        losses, lrs = self._losses, self._lrs
+        self._losses, self._lrs = [], []
+        if self.divergence is not None or body is None:
+            return
+        if int(body["step"]) != step:
+            self._diverge(int(body["step"]), "steps", body["step"], step)
+            return
+        self._compare_step(body, losses, lrs, pl_module, batch_idx)
+        self.steps_checked += 1
+        if step == self.segment.end_step and self.divergence is None:
+            self._compare_end(trainer)
+            self.reached_end = True
+            trainer.should_stop = True
+
+    def _compare_step(
+        self, body: dict[str, Any], losses: list[str | None], lrs: list[list[float | str]], pl_module: Any, batch_idx: int
+    ) -> None:
+        step = int(body["step"])
+        recorded_loss = body.get("loss")
+        reproduced_loss: Any = losses[0] if not isinstance(recorded_loss, list) else losses
+        if recorded_loss != reproduced_loss:
+            if self.tolerance is None or not self._losses_close(recorded_loss, reproduced_loss):
+                self._diverge(step, "loss", recorded_loss, reproduced_loss, batch_idx=batch_idx, epoch=body.get("epoch"))
+                return
+        if body.get("lr") != lrs:
+            self._diverge(step, "lr", body.get("lr"), lrs, batch_idx=batch_idx, epoch=body.get("epoch"))
+            return
+        recorded_fp = body.get("fp")
+        if recorded_fp is not None and self.tolerance is None:
+            reproduced_fp = fingerprint_tensors(pl_module.state_dict().items(), key=self.fingerprint_key)
+            if reproduced_fp != recorded_fp:
+                self._diverge(step, "weights", f"fingerprint {recorded_fp}", f"fingerprint {reproduced_fp}", batch_idx=batch_idx, epoch=body.get("epoch"))
+
+    def _losses_close(self, recorded: Any, reproduced: Any) -> bool:
+        pairs = zip(recorded, reproduced, strict=False) if isinstance(recorded, list) else [(recorded, reproduced)]
+        assert self.tolerance is not None
+        for a, b in pairs:
+            x, y = _loss_value(a), _loss_value(b)
+            if x is None or y is None or not math.isclose(x, y, rel_tol=self.tolerance, abs_tol=self.tolerance):
+                return False
+        return True
+
+    def _compare_end(self, trainer: pl.Trainer) -> None:
+        state = glue.storable(glue.dump_training_state(trainer), "", [])
+        model, optimizer = glue.state_digests(state)
+        end = self.segment.end
+        if model.root == end.model.root and optimizer.root == end.optimizer.root:
+            return
+        from torch_integrity.rundir import open_run
+
+        recorded_state, _ = open_run(self.run_dir).load_checkpoint(end)
+        differences = _tensor_differences(recorded_state.get("state_dict", {}), state.get("state_dict", {}), model.differing(end.model))
+        if model.root != end.model.root:
+            worst = max((d.relative_l2 for d in differences), default=0.0)
+            self.max_relative_l2 = worst
+            if self.tolerance is not None and worst <= self.tolerance:
+                return
+            self._diverge(end.step, "weights", str(end.model.root), str(model.root), tensors=differences)
+            return
+        if self.tolerance is None:
+            names = optimizer.differing(end.optimizer)
+            rec_opt = glue.optimizer_tensors(recorded_state.get("optimizer_states"))
+            rep_opt = glue.optimizer_tensors(state.get("optimizer_states"))
+            self._diverge(end.step, "optimizer", str(end.optimizer.root), str(optimizer.root),
+                          tensors=_tensor_differences(rec_opt, rep_opt, names))
+
+
+def _tensor_differences(recorded: Any, reproduced: Any, names: list[str]) -> list[TensorDifference]:
+    result = []
+    for name in names:
+        a, b = recorded.get(name), reproduced.get(name)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            result.append(TensorDifference(name, math.inf, math.inf, "missing on one side"))
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            result.append(TensorDifference(name, math.inf, math.inf, f"{a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"))
+            continue
+        if not (a.is_floating_point() or a.is_complex()):
+            a, b = a.double(), b.double()
+        diff = (a.detach().cpu().double() - b.detach().cpu().double())
+        norm = float(a.detach().cpu().double().norm())
+        max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+        rel = float(diff.norm()) / norm if norm > 0 else (0.0 if max_abs == 0 else math.inf)
+        if math.isnan(max_abs):
+            max_abs, rel = math.inf, math.inf
+        result.append(TensorDifference(name, max_abs, rel, "bits differ, values equal" if max_abs == 0 else ""))
+    return sorted(result, key=lambda d: -d.relative_l2)
