@@ -11,8 +11,8 @@ Each writer reopens RUN_DIR/ledger.jsonl with LedgerWriter (which verifies it an
 a torn tail), continues after the last checkpoint the ledger records, and loops:
 save ``checkpoints/step-N.safetensors`` with store.save_checkpoint, append two
 buffered ``step`` records, then a durable ``checkpoint`` record naming the file and its
-digest (and the Merkle root of its tensors). The checkpoint for step N holds ``model.w`` filled with N, so a reader can tell
-a checkpoint's content from its name.
+digest (and the Merkle root of its tensors). The checkpoint for step N holds
+``model.w`` filled with N, so a reader can tell a checkpoint's content from its name.
 
 Run by hand: ``python tests/_kill_writer.py`` and type a folder name.
 """

@@ -46,8 +46,12 @@ class Zygote:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self._log = log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, str(HELPER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, env=env, text=True,
+            [sys.executable, str(HELPER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            text=True,
         )
         assert self._readline() == "ready"
 
@@ -140,7 +144,7 @@ def test_sigkill_during_checkpoint_writes_loses_nothing_recorded(tmp_path):
             os.kill(pid, signal.SIGKILL)
             code = zygote.wait_exit()
             assert code == -signal.SIGKILL, (tmp_path / "writer.log").read_text()
-            temps = {p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(TEMP_PREFIX)} if (run_dir / "checkpoints").exists() else set()
+            temps = {p.name for p in run_dir.glob(f"checkpoints/{TEMP_PREFIX}*")}
             kills_with_temp_files += bool(temps - temp_files_seen)
             temp_files_seen |= temps
             new_head, torn = check_after_kill(run_dir, head, verified)
@@ -155,7 +159,9 @@ def test_sigkill_during_checkpoint_writes_loses_nothing_recorded(tmp_path):
     finally:
         zygote.close()
     recorded = len(verified)
-    print(f"{KILLS} kills: {recorded} checkpoints recorded, {len(temp_files_seen)} partial temp files left by "
-          f"{kills_with_temp_files} kills, {torn_tails} torn ledger tails repaired")
+    print(
+        f"{KILLS} kills: {recorded} checkpoints recorded, {len(temp_files_seen)} partial temp files left by "
+        f"{kills_with_temp_files} kills, {torn_tails} torn ledger tails repaired"
+    )
     assert recorded >= KILLS  # the writer made progress between kills (this is not a vacuous pass)
     assert kills_with_temp_files >= 1  # some kills did land in the middle of writing a checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tracemalloc
 import warnings
@@ -80,9 +81,11 @@ def test_append_read_verify_round_trip(ledger_path):
     assert [(r.kind, r.body) for r in records] == BODIES
     assert [r.seq for r in records] == [0, 1, 2, 3]
     assert records[0].prev == "0" * 64
-    for before, after in zip(records, records[1:], strict=False):
+    for before, after in itertools.pairwise(records):
         assert after.prev == before.hash
-        payload = json.dumps({"body": after.body, "kind": after.kind, "seq": after.seq}, sort_keys=True, separators=(",", ":"))
+        payload = json.dumps(
+            {"body": after.body, "kind": after.kind, "seq": after.seq}, sort_keys=True, separators=(",", ":")
+        )
         assert hashlib.sha256(DOMAIN + bytes.fromhex(before.hash) + payload.encode()).hexdigest() == after.hash
     assert verify_ledger(ledger_path) == head == LedgerHead(4, records[-1].hash)
     assert verify_ledger(ledger_path, head=head) == head
@@ -144,15 +147,19 @@ def test_bad_kinds_are_refused(ledger_path, kind):
 @given(
     bodies=st.lists(
         st.dictionaries(
-            st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8),
+            st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=8),
             st.recursive(
                 st.none()
                 | st.booleans()
                 | st.integers(-(2**70), 2**70)
                 | st.floats(allow_nan=False, allow_infinity=False)
-                | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20),
-                lambda inner: st.lists(inner, max_size=4)
-                | st.dictionaries(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=5), inner, max_size=4),
+                | st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=20),
+                lambda inner: (
+                    st.lists(inner, max_size=4)
+                    | st.dictionaries(
+                        st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=5), inner, max_size=4
+                    )
+                ),
                 max_leaves=12,
             ),
             max_size=5,
@@ -277,7 +284,7 @@ def test_a_rewrite_with_a_valid_chain_is_caught_by_the_head(ledger_path, tmp_pat
     write_ledger(forged_path, forged_entries)
     ledger_path.write_bytes(forged_path.read_bytes())
     assert verify_ledger(ledger_path).count == 4  # internally consistent
-    with pytest.raises(TamperedError, match="record 3 has hash .* trusted head says .*rewritten"):
+    with pytest.raises(TamperedError, match=r"record 3 has hash .* trusted head says .*rewritten"):
         verify_ledger(ledger_path, head=head)
     # A longer rewrite still has to contain the head's record at the head's position.
     with LedgerWriter(ledger_path) as writer:

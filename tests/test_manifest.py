@@ -64,18 +64,11 @@ def test_known_answer_vector_matches_the_documented_encoding() -> None:
         + b"X" + u64(5) + b"int16" + u64(1) + u64(2) + u64(4) + b"\x01\x00\x02\x00"
         + b"I" + u64(1) + b"\x07"
     )
-    expected = hashlib.sha256(DOMAIN + encoding).hexdigest()
-    assert digest_sample(sample).hex == expected
+    assert digest_sample(sample).hex == hashlib.sha256(DOMAIN + encoding).hexdigest()
+    # the same vector as docs/data-provenance.md gives it
     assert str(digest_sample(sample)) == (
-        "sha256-sample-v1:" + "4b4a4e7d28b1c2f31e21c31cdebf1f7d5ad6bb2fd4b2c1aa6a1f2da4e8b3f6e3"
-    ) or digest_sample(sample).hex == expected  # the fixed vector is pinned below
-    assert digest_sample(sample).hex == _PINNED
-
-
-_PINNED = hashlib.sha256(
-    b"torch-integrity:sample:v1\x00P" + u64(2) + b"X" + u64(5) + b"int16" + u64(1) + u64(2) + u64(4)
-    + b"\x01\x00\x02\x00I" + u64(1) + b"\x07"
-).hexdigest()
+        "sha256-sample-v1:52b4fd9aff0816832b3ce35ecf6c2549eed951d27ef95796bb9dbcc6f1bf4997"
+    )
 
 
 def test_scalars_strings_bytes_and_containers_encode_as_documented() -> None:
@@ -250,8 +243,8 @@ def test_streaming_write_keeps_no_per_sample_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
         return top
 
-    small, large = peak(2_000), peak(40_000)
-    assert large - small < 64 << 10, (small, large)  # 38,000 more digests would be 1.2 MB
+    small, large = peak(1_000), peak(10_000)
+    assert large - small < 8 << 10, (small, large)  # 9,000 more digests kept would be 288 kB
 
 
 # --- provenance and transforms ------------------------------------------------------------
@@ -273,7 +266,7 @@ def test_provenance_per_source_range() -> None:
         [(range(0, 11), Provenance())],  # past the end
         [(range(0, 10, 2), Provenance())],  # stepped range
         {"licence": "MIT"},  # unknown field
-        Provenance(retrieved_at="yesterday") if False else [(range(0, 3), {"retrieved_at": "yesterday"})],
+        [(range(0, 3), {"retrieved_at": "yesterday"})],  # not ISO 8601
         "MIT",
     ],
 )
@@ -303,11 +296,13 @@ def _tree(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
-TRICKY = {"a": b"1", "a.txt": b"2", "a/b": b"3", "a-b": b"4", "ab": b"5", "a/c/d": b"6", "B": b"7", "é": b"8", ".h": b""}
+TRICKY = {
+    "a0": b"1", "a.txt": b"2", "a/b": b"3", "a-b": b"4", "ab": b"5", "a/c/d": b"6", "B": b"7", "é": b"", ".h": b"",
+}
 
 
 def test_folder_manifest_orders_files_by_relative_path(tmp_path: Path) -> None:
-    folder = _tree(tmp_path / "data", {k if k != "a" else "a0": v for k, v in TRICKY.items()})
+    folder = _tree(tmp_path / "data", TRICKY)
     manifest = build_manifest(folder, progress=False)
     paths = [manifest.sample_path(i) for i in range(manifest.count)]
     assert paths == sorted(paths) and len(paths) == len(TRICKY)
@@ -380,15 +375,14 @@ def test_every_bit_flip_is_caught_against_a_trusted_reference(saved: tuple[Path,
     original = path.read_bytes()
     header_end = original.index(b"\n") + 1
     for position in range(len(original)):
-        for bit in (0x01, 0x80):
-            data = bytearray(original)
-            data[position] ^= bit
-            path.write_bytes(data)
-            with pytest.raises(IntegrityError):
-                load_manifest(path, expected=manifest.reference)
-            if position >= header_end:  # the digests alone: caught without any reference
-                with pytest.raises(TamperedError):
-                    load_manifest(path)
+        data = bytearray(original)
+        data[position] ^= 0x80 if position % 2 else 0x01
+        path.write_bytes(data)
+        with pytest.raises(IntegrityError):
+            load_manifest(path, expected=manifest.reference)
+        if position >= header_end:  # the digests alone: caught without any reference
+            with pytest.raises(TamperedError):
+                load_manifest(path)
 
 
 @pytest.mark.parametrize(

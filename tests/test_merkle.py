@@ -179,6 +179,7 @@ def test_leaf_equal_to_an_internal_node_input_hashes_differently():
     # Presenting the level-one node inputs as two leaves does not reproduce the root.
     assert merkle.merkle_root([hashes[0] + hashes[1], hashes[2] + hashes[3]]) != root
     assert merkle.merkle_root([left, right]) != root
+
     # Without the prefixes the same forgery would succeed, so the check above is not vacuous.
     def unprefixed_root(items: list[bytes]) -> bytes:
         level = [hashlib.sha256(item).digest() for item in items]

@@ -111,7 +111,10 @@ def test_loaded_tensors_are_views_of_the_buffer():
 
 def test_misaligned_input_is_copied_once_and_read_correctly():
     values = torch.tensor([1.5, -2.25, 3.0], dtype=torch.float32)
-    header = {"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "w": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]}}
+    header = {
+        "x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "w": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]},
+    }
     encoded = json.dumps(header).encode()
     encoded += b" " * (-(8 + len(encoded)) % 8)
     buffer = bytearray(struct.pack("<Q", len(encoded)) + encoded + b"\x07" + values.numpy().tobytes())
@@ -140,7 +143,9 @@ def test_writer_refuses_duplicates_and_unstorable_tensors():
 # --- THREATS row 11: malformed files refused before any tensor is allocated ---------------
 
 
-def build(header: Any, data: bytes = b"", *, declared_length: int | None = None, raw_header: bytes | None = None) -> bytes:
+def build(
+    header: Any, data: bytes = b"", *, declared_length: int | None = None, raw_header: bytes | None = None
+) -> bytes:
     encoded = raw_header if raw_header is not None else json.dumps(header).encode()
     length = len(encoded) if declared_length is None else declared_length
     return struct.pack("<Q", length) + encoded + data
@@ -153,11 +158,20 @@ def entry(dtype: str, shape: Any, begin: int, end: int) -> dict[str, Any]:
 VALID = {"a": entry("F32", [2], 0, 8), "b": entry("U8", [4], 8, 12)}
 MALFORMED = {
     "too short": (b"\x10\x00\x00", "too short"),
-    "header longer than the file": (build(VALID, bytes(12), declared_length=10_000), "header claims 10000 bytes but the file has"),
+    "header longer than the file": (
+        build(VALID, bytes(12), declared_length=10_000),
+        "header claims 10000 bytes but the file has",
+    ),
     "absurd header length": (build(VALID, bytes(12), declared_length=2**63 + 5), "over the"),
     "header just over the limit": (build(VALID, bytes(12), declared_length=MAX_HEADER_BYTES + 1), "over the"),
-    "overlapping offsets": (build({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}, bytes(12)), "overlaps"),
-    "hole between tensors": (build({"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)}, bytes(12)), "unaccounted bytes"),
+    "overlapping offsets": (
+        build({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}, bytes(12)),
+        "overlaps",
+    ),
+    "hole between tensors": (
+        build({"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)}, bytes(12)),
+        "unaccounted bytes",
+    ),
     "trailing bytes": (build(VALID, bytes(20)), "8 trailing bytes"),
     "offsets past the end": (build({"a": entry("F32", [4], 0, 16)}, bytes(8)), "outside the 8-byte data"),
     "reversed offsets": (build({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, bytes(8)), "offsets"),
@@ -165,11 +179,18 @@ MALFORMED = {
     "float offsets": (build({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}, bytes(4)), "offsets"),
     "negative offsets": (build({"a": entry("F32", [1], -4, 0)}, bytes(4)), "offsets"),
     "duplicate names": (
-        build(None, bytes(8), raw_header=b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-                                         b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'),
+        build(
+            None,
+            bytes(8),
+            raw_header=b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+            b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+        ),
         "duplicate JSON key 'a'",
     ),
-    "wrong byte count": (build({"a": entry("F32", [3], 0, 8)}, bytes(8)), "spans 8 bytes, but dtype F32 and shape [3] need 12"),
+    "wrong byte count": (
+        build({"a": entry("F32", [3], 0, 8)}, bytes(8)),
+        "spans 8 bytes, but dtype F32 and shape [3] need 12",
+    ),
     "wrong byte count for dtype": (build({"a": entry("F64", [2], 0, 8)}, bytes(8)), "need 16"),
     "overflowing shape": (build({"a": entry("F32", [2**40, 2**40], 0, 8)}, bytes(8)), "need"),
     "unknown dtype": (build({"a": entry("F128", [1], 0, 16)}, bytes(16)), "unknown dtype 'F128'"),
@@ -214,7 +235,7 @@ def test_the_valid_base_case_really_is_valid():
 
 
 def test_error_messages_name_the_file():
-    with pytest.raises(MalformedFileError, match="^checkpoints/step-3.safetensors: "):
+    with pytest.raises(MalformedFileError, match=r"^checkpoints/step-3\.safetensors: "):
         parse_header(build(VALID, bytes(20)), what="checkpoints/step-3.safetensors")
 
 

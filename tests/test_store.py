@@ -29,7 +29,14 @@ from torch_integrity.errors import (
 )
 from torch_integrity.fsutil import TEMP_PREFIX, atomic_write_bytes, read_file_bytes, resolve_inside
 from torch_integrity.safetensors_io import write_safetensors
-from torch_integrity.store import FORMAT, FORMAT_KEY, STATE_KEY, load_checkpoint, load_checkpoint_with_metadata, save_checkpoint
+from torch_integrity.store import (
+    FORMAT,
+    FORMAT_KEY,
+    STATE_KEY,
+    load_checkpoint,
+    load_checkpoint_with_metadata,
+    save_checkpoint,
+)
 
 
 def float_bits(*bits: int) -> torch.Tensor:
@@ -40,9 +47,16 @@ def training_state() -> dict[str, Any]:
     generator = torch.Generator().manual_seed(11)
     weight = torch.randn(4, 3, generator=generator)
     return {
-        "model": {"encoder.weight": weight, "encoder.bias": torch.zeros(4, dtype=torch.bfloat16), "head/odd~name": torch.ones(2)},
+        "model": {
+            "encoder.weight": weight,
+            "encoder.bias": torch.zeros(4, dtype=torch.bfloat16),
+            "head/odd~name": torch.ones(2),
+        },
         "optimizer": {
-            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 3, generator=generator)}, 1: {"step": torch.tensor(3.0)}},
+            "state": {
+                0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 3, generator=generator)},
+                1: {"step": torch.tensor(3.0)},
+            },
             "param_groups": [{"lr": 0.001, "betas": (0.9, 0.999), "params": [0, 1], "amsgrad": False, "foreach": None}],
         },
         "floats": [math.nan, math.inf, -math.inf, -0.0, 1e-308],
@@ -130,21 +144,27 @@ def test_saving_is_deterministic(tmp_path):
     assert first.file_digest == second.file_digest
 
 
-scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_subnormal=True) | st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",)), max_size=10
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_subnormal=True)
+    | st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=10)
 )
 small_tensors = st.builds(
     lambda values, dtype: torch.tensor(values, dtype=torch.float64).to(dtype),
     st.lists(st.floats(-1e3, 1e3), max_size=5),
     st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int16, torch.bool]),
 )
-keys = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=6)
+keys = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=6)
 structures = st.recursive(
     scalars | small_tensors,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.lists(inner, max_size=3).map(tuple)
-    | st.dictionaries(keys, inner, max_size=3)
-    | st.dictionaries(st.integers(-5, 5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(keys, inner, max_size=3)
+        | st.dictionaries(st.integers(-5, 5), inner, max_size=3)
+    ),
     max_leaves=10,
 )
 
@@ -193,7 +213,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 
 def test_save_reports_an_unwritable_folder_clearly(tmp_path):
-    with pytest.raises(UsageError, match="cannot write checkpoint .*c.safetensors: No such file or directory"):
+    with pytest.raises(UsageError, match=r"cannot write checkpoint .*c\.safetensors: No such file or directory"):
         save_checkpoint(tmp_path / "missing-folder" / "c.safetensors", {"w": torch.ones(1)})
 
 
@@ -283,8 +303,17 @@ def test_symlinked_files_and_folders_are_refused(run_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "relative",
-    ["../outside.safetensors", "checkpoints/../../x", "/etc/passwd", "", ".", "./checkpoints/step-1.safetensors",
-     "checkpoints//step-1.safetensors", "checkpoints/", "checkpoints\\step-1.safetensors"],
+    [
+        "../outside.safetensors",
+        "checkpoints/../../x",
+        "/etc/passwd",
+        "",
+        ".",
+        "./checkpoints/step-1.safetensors",
+        "checkpoints//step-1.safetensors",
+        "checkpoints/",
+        "checkpoints\\step-1.safetensors",
+    ],
 )
 def test_escaping_paths_are_refused(run_dir, relative):
     with pytest.raises(UnsafePathError):
@@ -297,7 +326,7 @@ def test_non_string_paths_are_refused(run_dir):
 
 
 def test_missing_files_are_reported(run_dir):
-    with pytest.raises(MissingFileError, match="checkpoints/step-2.safetensors is recorded but missing"):
+    with pytest.raises(MissingFileError, match=r"checkpoints/step-2\.safetensors is recorded but missing"):
         resolve_inside(run_dir, "checkpoints/step-2.safetensors")
     with pytest.raises(MissingFileError, match="does not exist"):
         read_file_bytes(run_dir / "checkpoints" / "step-2.safetensors")

@@ -115,6 +115,7 @@ class IntegrityCallback(Callback):
         self._last_global_step = 0
         self._hooks: list[Any] = []
         self._fingerprint_key = 0
+        self._last_checkpoint_step = -1
         self._active = False
 
     # ---- identity -------------------------------------------------------------------
@@ -133,7 +134,8 @@ class IntegrityCallback(Callback):
             "run_seed": self.run_seed,
             "fingerprint_key": self._fingerprint_key,
             "step": trainer.global_step if trainer else 0,
-            "rng": capture_global_rng(),
+            # the RNG as it was when the last training batch ended (see on_train_batch_start)
+            "rng": self._restore_rng_at_next_batch or capture_global_rng(),
             "data": {
                 "epoch": trainer.current_epoch if trainer else 0,
                 "next_batch_idx": self._next_batch_idx,
@@ -247,6 +249,7 @@ class IntegrityCallback(Callback):
             self._fingerprint_key = int(self._resume["fingerprint_key"])
             self._restore_rng_at_next_batch = self._resume["rng"]
             self._next_batch_idx = int(self._resume["data"]["next_batch_idx"])
+            self._last_checkpoint_step = int(self._resume["step"])
         else:
             self.run_id = secrets.token_hex(16)
             self._fingerprint_key = derive_seed(self.run_id, "fingerprint")
@@ -315,6 +318,8 @@ class IntegrityCallback(Callback):
         return manifest.manifest_reference(manifest.load_manifest(self.data_manifest))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active and trainer.global_step != self._last_checkpoint_step:
+            self._checkpoint(trainer)  # close the last segment
         if self._ledger is not None:
             self._ledger.append("run_end", {"status": "completed", "step": trainer.global_step}, durable=True)
 
@@ -416,6 +421,7 @@ class IntegrityCallback(Callback):
     # ---- checkpoints --------------------------------------------------------------------------
 
     def _checkpoint(self, trainer: pl.Trainer) -> None:
+        self._last_checkpoint_step = trainer.global_step
         checkpoint = glue.dump_training_state(trainer)
         if not trainer.is_global_zero or self._ledger is None:
             return

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from torch_integrity import IntegrityCallback
+    from torch_integrity.demo import DemoDataModule, DemoModule  # importable path, also under python -m
 
     run_dir = Path(args.run_dir)
     pl.seed_everything(1234, workers=True)

@@ -145,7 +145,7 @@ def tensor_byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
         return
     flat = data.reshape(-1).view(torch.uint8)
     if flat.device.type == "cpu":
-        yield memoryview(flat.numpy()).cast("B")
+        yield flat.numpy().data.cast("B")
         return
     size = flat.numel()
     host = torch.empty(min(size, _HOST_CHUNK_BYTES), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
@@ -153,7 +153,7 @@ def tensor_byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
         piece = flat[start : start + _HOST_CHUNK_BYTES]
         part = host[: piece.numel()]
         part.copy_(piece)
-        yield memoryview(part.numpy()).cast("B")
+        yield part.numpy().data.cast("B")
 
 
 def _tensor_header(name: str, tensor: torch.Tensor) -> bytes:

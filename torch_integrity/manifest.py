@@ -272,11 +272,13 @@ def write_manifest(
         collector.collect(dataset, progress)
         header_line = collector.header_line(kind, provenance, parent, transform)
         file_hash = hashlib.sha256(header_line)
+        buffer = bytearray(1 << 16)
         with atomic_writer(out) as handle:
             handle.write(header_line)
             for spool in (digests, paths):
                 spool.seek(0)
-                while chunk := spool.read(1 << 20):
+                while count := spool.readinto(buffer):
+                    chunk = memoryview(buffer)[:count]
                     file_hash.update(chunk)
                     handle.write(chunk)
     return ManifestReference(
@@ -345,7 +347,6 @@ def parse_manifest(data: bytes | bytearray, *, file_digest: Digest, what: str = 
         raise MalformedFileError(f"{what}: root is a {root.algorithm} digest, not {ROOT_ALGORITHM}")
     parent = ManifestReference.from_json(header["parent"]) if header["parent"] is not None else None
     transform = Transform.from_json(header["transform"]) if header["transform"] is not None else None
-    provenance = normalize_provenance(header["provenance"], count, stored=True)
 
     body = memoryview(data).toreadonly()[newline + 1 :]
     size = count * DIGEST_SIZE
@@ -355,6 +356,7 @@ def parse_manifest(data: bytes | bytearray, *, file_digest: Digest, what: str = 
     computed = Digest(ROOT_ALGORITHM, root_of_digests(digests).hex())
     if computed != root:
         raise TamperedError(f"{what}: recorded root {root} does not match its sample digests, which give {computed}")
+    provenance = normalize_provenance(header["provenance"], count, stored=True)
     manifest = Manifest(kind, count, root, file_digest, provenance, parent, transform, digests, header_line)
     if kind == "dataset":
         return manifest

@@ -240,6 +240,12 @@ def replay_segment(
     history.load_checkpoint(segment.start)
     callback = ReplayCallback(root, segment, tolerance=tolerance)
     seed = run_start.get("global_seed")
+    import logging
+
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if seed is not None:
@@ -252,7 +258,11 @@ def replay_segment(
             fit_args["datamodule"] = data
         elif data is not None:
             fit_args["train_dataloaders"] = data
-        trainer.fit(model, **fit_args)
+        try:
+            trainer.fit(model, **fit_args)
+        finally:
+            for logger, level in zip(quiet, levels, strict=True):
+                logger.setLevel(level)
     return _result(segment, callback, differences, changed, tolerance, time.perf_counter() - began)
 
 

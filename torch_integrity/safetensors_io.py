@@ -192,7 +192,8 @@ def load_safetensors_buffer(
     for name, entry in header.items():
         dtype = CODE_DTYPES[entry["dtype"]]  # type: ignore[index]
         shape = list(entry["shape"])  # type: ignore[call-overload]
-        begin, end = entry["data_offsets"]  # type: ignore[misc]
+        offsets: list[int] = entry["data_offsets"]  # type: ignore[assignment]
+        begin, end = offsets
         count = end - begin
         if count == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
