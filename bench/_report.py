@@ -49,7 +49,11 @@ def publish(name: str, title: str, body: str, raw: dict[str, Any]) -> None:
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     section = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery number here was produced by a script under `bench/`; each section names its command.\n"
+    intro = "# Benchmarks\n\nEvery number here was produced by a script under `bench/`; each section names its command.\n"
+    text = DOC.read_text() if DOC.exists() else intro
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
     DOC.write_text(text)

@@ -37,7 +37,7 @@ def test_one_flipped_bit_is_caught_and_named() -> None:
     model = make_model()
     guard = WeightGuard(model, digest_state_dict(model.state_dict()))
     flip_bit(model[2].weight, index=7, bit=0)  # the lowest mantissa bit: a change of ~1e-8
-    with pytest.raises(DigestMismatchError, match="differing tensors: 2.weight") as caught:
+    with pytest.raises(DigestMismatchError, match=r"differing tensors: 2\.weight") as caught:
         guard.check()
     assert caught.value.differing == ("2.weight",)
     flip_bit(model[2].weight, index=7, bit=0)  # flipped back: the weights are the approved ones again
@@ -97,7 +97,7 @@ def test_root_only_expectation_detects_but_cannot_name() -> None:
         guard.check()
     assert caught.value.differing == ()
     named = WeightGuard(model, expected.root, tensor_digests=expected.tensors)
-    with pytest.raises(DigestMismatchError, match="0.weight"):
+    with pytest.raises(DigestMismatchError, match=r"0\.weight"):
         named.check()
 
 
@@ -163,7 +163,7 @@ def test_bad_arguments() -> None:
         WeightGuard(model, Digest("sha256", "00" * 32))
     with pytest.raises(UsageError, match="do not combine"):
         WeightGuard(model, Digest("sha256-merkle-v1", "00" * 32), tensor_digests=expected.tensors)
-    with pytest.raises(UsageError, match="nn.Module or a state dict"):
+    with pytest.raises(UsageError, match=r"nn\.Module or a state dict"):
         WeightGuard([1, 2], expected)  # type: ignore[arg-type]
 
 
@@ -173,5 +173,5 @@ def test_cuda_weights_are_checked_in_place() -> None:
     guard = WeightGuard(model, digest_state_dict(model.state_dict()))
     assert guard.check().root == digest_state_dict({k: v.cpu() for k, v in model.state_dict().items()}).root
     flip_bit(model[2].weight)
-    with pytest.raises(DigestMismatchError, match="2.weight"):
+    with pytest.raises(DigestMismatchError, match=r"2\.weight"):
         guard.check()

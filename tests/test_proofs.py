@@ -78,7 +78,9 @@ def _flip(node: bytes, bit: int) -> bytes:
 
 @pytest.mark.parametrize("level", range(5))
 @pytest.mark.parametrize("bit", [0, 77, 255])
-def test_a_flipped_bit_in_any_path_node_is_rejected(good: tuple[InclusionProof, Manifest], level: int, bit: int) -> None:
+def test_a_flipped_bit_in_any_path_node_is_rejected(
+    good: tuple[InclusionProof, Manifest], level: int, bit: int
+) -> None:
     proof, manifest = good
     path = list(proof.path)
     path[level] = _flip(path[level], bit)
@@ -114,9 +116,22 @@ def test_a_tree_size_off_by_one_is_rejected(good: tuple[InclusionProof, Manifest
     proof, manifest = good
     with pytest.raises(TamperedError, match="17 samples"):
         verify_inclusion(proof, manifest.root, size)
-    # even when the proof is edited to claim that size
-    with pytest.raises((TamperedError, DigestMismatchError)):
-        verify_inclusion(dataclasses.replace(proof, tree_size=size), manifest.root, size)
+
+
+def test_a_proof_edited_to_claim_another_size_fails_where_the_path_shape_changes(
+    manifests: dict[int, Manifest],
+) -> None:
+    # RFC 6962 binds the size through the path's shape only: for index 6 of 17 the path
+    # is the same in a tree of 18, so root and size must come from one trusted record
+    # (docs/data-provenance.md, "What a proof proves"). Where the shape differs, it fails.
+    manifest = manifests[17]
+    last = prove_inclusion(manifest, 16)
+    for size in (16, 18):
+        with pytest.raises(TamperedError):
+            verify_inclusion(dataclasses.replace(last, tree_size=size), manifest.root, size)
+    inner = prove_inclusion(manifest, 6)
+    with pytest.raises(TamperedError):
+        verify_inclusion(dataclasses.replace(inner, tree_size=16), manifest.root, 16)
 
 
 @pytest.mark.parametrize("index", [5, 7])

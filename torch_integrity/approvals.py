@@ -37,7 +37,7 @@ from torch_integrity.canonical import canonical_json, strict_loads
 from torch_integrity.digest import STATE_ALGORITHM, Digest
 from torch_integrity.errors import ApprovalError, IntegrityError, MalformedFileError, UsageError
 from torch_integrity.fsutil import atomic_write_bytes
-from torch_integrity.keys import PrivateKey, PublicKey, read_small_file, parse_public_key
+from torch_integrity.keys import PrivateKey, PublicKey, parse_public_key, read_small_file
 from torch_integrity.ledger import LedgerHead
 from torch_integrity.rundir import open_run
 from torch_integrity.signing import (

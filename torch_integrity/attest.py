@@ -129,7 +129,7 @@ def _replays_section(run_dir: Path) -> list[dict[str, Any]]:
             continue
         entry: dict[str, Any] = {"file": relative, "digest": f"{BYTES_ALGORITHM}:{hashlib.sha256(buffer).hexdigest()}"}
         try:
-            entry["summary"] = _summary(strict_loads(buffer, what=relative))
+            entry["summary"] = _summary(strict_loads(bytes(buffer), what=relative))
         except MalformedFileError as exc:
             entry["error"] = str(exc)
         entries.append(entry)

@@ -43,7 +43,7 @@ def _refuse_constant(name: str) -> Any:
     raise MalformedFileError(f"non-standard JSON constant {name}")
 
 
-def strict_loads(data: bytes | str, *, what: str = "JSON") -> Any:
+def strict_loads(data: bytes | bytearray | str, *, what: str = "JSON") -> Any:
     """Parse JSON, refusing duplicate keys, NaN/Infinity and invalid UTF-8.
 
     Args:

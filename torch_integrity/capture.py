@@ -260,7 +260,7 @@ class IntegrityCallback(Callback):
             self._checkpoint(trainer)
 
     def _run_start_body(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         classes: list[type] = [type(pl_module)]
         if datamodule is not None:
             classes.append(type(datamodule))
@@ -469,7 +469,7 @@ def _trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
             "limit_train_batches": trainer.limit_train_batches,
             "val_check_interval": trainer.val_check_interval,
             "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
-            "reload_dataloaders_every_n_epochs": trainer.reload_dataloaders_every_n_epochs,
+            "reload_dataloaders_every_n_epochs": getattr(trainer, "reload_dataloaders_every_n_epochs", 0),
             "accelerator": type(trainer.accelerator).__name__,
             "strategy": type(trainer.strategy).__name__,
             "num_devices": trainer.num_devices,

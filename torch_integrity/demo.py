@@ -59,7 +59,7 @@ class DemoDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader[Any]:
-        h = self.hparams
+        h: Any = self.hparams
         generator = torch.Generator().manual_seed(h.generator_seed) if h.generator_seed is not None else None
         return DataLoader(
             NoisyDataset(h.size, h.features),
@@ -71,7 +71,7 @@ class DemoDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(NoisyDataset(32, self.hparams.features, seed=1), batch_size=16)
+        return DataLoader(NoisyDataset(32, int(self.hparams["features"]), seed=1), batch_size=16)
 
 
 class DemoModule(pl.LightningModule):
@@ -94,11 +94,11 @@ class DemoModule(pl.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        if self.hparams.scheduler == "step":
+        optimizer = torch.optim.Adam(self.parameters(), lr=float(self.hparams["lr"]))
+        if self.hparams["scheduler"] == "step":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        if self.hparams.scheduler == "epoch":
+        if self.hparams["scheduler"] == "epoch":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         return optimizer

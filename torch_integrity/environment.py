@@ -24,6 +24,7 @@ import torch
 from torch_integrity.canonical import canonical_json
 from torch_integrity.digest import Digest
 
+
 def describe_environment() -> dict[str, Any]:
     """Versions, devices and numeric settings of this process."""
     cuda = torch.cuda.is_available()

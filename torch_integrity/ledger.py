@@ -207,7 +207,7 @@ def _open_ledger(path: Path) -> BinaryIO:
 
         raise UnsafePathError(f"{path} is a symlink; refusing to read it")
     try:
-        return open(path, "rb")  # noqa: SIM115 - caller closes
+        return open(path, "rb")
     except FileNotFoundError:
         from torch_integrity.errors import MissingFileError
 

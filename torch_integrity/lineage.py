@@ -189,7 +189,7 @@ def verify_lineage(
     if chain[0].parent is not None:
         notes.append(f"manifest 0 names a parent ({chain[0].parent.root}) that was not given; the chain starts there")
     checked = []
-    for position, (parent, child, code) in enumerate(zip(chain, chain[1:], files, strict=True), start=1):
+    for position, (parent, child, code) in enumerate(zip(chain[:-1], chain[1:], files, strict=True), start=1):
         if child.parent != parent.reference:
             recorded = child.parent.to_json() if child.parent else "no parent"
             raise DigestMismatchError(f"parent of manifest {position}", parent.reference.to_json(), recorded)

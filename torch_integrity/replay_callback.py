@@ -218,7 +218,8 @@ class ReplayCallback(Callback):
         if recorded_fp is not None and self.tolerance is None:
             reproduced_fp = fingerprint_tensors(pl_module.state_dict().items(), key=self.fingerprint_key)
             if reproduced_fp != recorded_fp:
-                self._diverge(step, "weights", f"fingerprint {recorded_fp}", f"fingerprint {reproduced_fp}", batch_idx=batch_idx, epoch=body.get("epoch"))
+                self._diverge(step, "weights", f"fingerprint {recorded_fp}", f"fingerprint {reproduced_fp}",
+                              batch_idx=batch_idx, epoch=body.get("epoch"))
 
     def _losses_close(self, recorded: Any, reproduced: Any) -> bool:
         pairs = zip(recorded, reproduced, strict=False) if isinstance(recorded, list) else [(recorded, reproduced)]

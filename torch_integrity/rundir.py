@@ -14,6 +14,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,7 @@ class RunHistory:
         return model
 
 
-def open_run(run_dir: Path | str, *, head: LedgerHead | None = None) -> RunHistory:
+def open_run(run_dir: str | os.PathLike[str], *, head: LedgerHead | None = None) -> RunHistory:
     """Verify a run directory's ledger and index it.
 
     Args:

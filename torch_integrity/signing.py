@@ -179,7 +179,7 @@ class Envelope:
         """Read and parse an envelope file (at most 16 MiB, no symlinks)."""
         buffer = read_file_bytes(path, max_bytes=MAX_ENVELOPE_BYTES)
         label = what or str(path)
-        return cls.from_json(strict_loads(buffer, what=label), what=label)
+        return cls.from_json(strict_loads(bytes(buffer), what=label), what=label)
 
 
 def sign_envelope(payload_type: str, payload: bytes, keys: PrivateKey | Sequence[PrivateKey]) -> Envelope:

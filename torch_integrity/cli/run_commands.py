@@ -69,7 +69,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     history = open_run(args.run_dir)
     segments, notes = plan_segments(history)
     first = history.start[0]
-    data = {
+    data: dict[str, Any] = {
         "run_id": history.run_id,
         "finished": history.finished,
         "records": history.head.count,
