@@ -3,7 +3,7 @@
 Run: ``python bench/bench_digest.py`` (default: 16 float32 tensors of 64 MiB = 1 GiB).
 Smaller: ``python bench/bench_digest.py --tensors 4 --tensor-mib 16 --repeats 3``.
 
-Measured in one process, one after another, each the median of ``--repeats`` runs:
+Measured in one process, round-robin, each the median of ``--repeats`` runs:
 
 * ``raw sha256``: ``hashlib.sha256`` over each tensor's bytes, single thread, zero-copy
   memoryviews. The floor for any SHA-256 design on one core.
@@ -33,10 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from bench._report import machine_line, publish, table  # noqa: E402
-from torch_integrity.digest import digest_state_dict  # noqa: E402
+from bench._report import machine_line, publish, table
+from torch_integrity.digest import digest_state_dict
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -105,13 +105,22 @@ def main() -> None:
             methods.append(("OpenSSF model_signing", runners))
         else:
             methods.extend(runners.items())
+        load_before = os.getloadavg()[0]
         for _, run in methods:  # warm-up: page cache, thread pools, lazy imports
             if not isinstance(run, str):
                 run()
-        seconds: dict[str, float | str] = {}
-        for name, run in methods:
-            seconds[name] = run if isinstance(run, str) else median_seconds(run, args.repeats)
-            print(f"  {name}: {seconds[name]}", file=sys.stderr)
+        # Round-robin: every repeat runs every method once, so a burst of load from
+        # another process hits all methods alike instead of one of them.
+        timings: dict[str, list[float]] = {name: [] for name, run in methods if not isinstance(run, str)}
+        for repeat in range(args.repeats):
+            for name, run in methods:
+                if not isinstance(run, str):
+                    timings[name].append(median_seconds(run, 1))
+                    print(f"  repeat {repeat}: {name}: {timings[name][-1]:.3f} s", file=sys.stderr)
+        seconds: dict[str, float | str] = {
+            name: run if isinstance(run, str) else statistics.median(timings[name]) for name, run in methods
+        }
+        load_after = os.getloadavg()[0]
 
     baseline = seconds["raw sha256, 1 thread (zero-copy)"]
     assert isinstance(baseline, float)
@@ -130,13 +139,15 @@ def main() -> None:
     body = (
         f"`python bench/bench_digest.py --tensors {args.tensors} --tensor-mib {args.tensor_mib} "
         f"--repeats {args.repeats}`: {args.tensors} float32 tensors, {total / (1 << 30):.2f} GiB in all, "
-        f"median of {args.repeats} runs after one warm-up. Machine: {machine_line()}.\n\n"
+        f"median of {args.repeats} round-robin runs after one warm-up. Machine: {machine_line()}; "
+        f"1-minute load average {load_before:.2f} before, {load_after:.2f} after.\n\n"
         + table(["method", "seconds", "GB/s", "vs raw sha256 (1 thread)", "speed-up vs model_signing default"], rows)
         + "\n\nmodel_signing reads the same tensors from one safetensors file in the page cache; the others read "
         "the tensors in memory. Targets: `digest_state_dict` >= 0.9x raw sha256 on one thread, more with threads, "
         "and >= 1.8x faster than model_signing."
     )
     raw["machine"] = machine_line()
+    raw["load_average"] = {"before": load_before, "after": load_after}
     if args.no_publish:
         print(body)
     else:

@@ -7,8 +7,8 @@ that reads run directories can run fast and without the capture callback::
     open_run(run.run_dir).checkpoint_at(2).model.root == run.model_digests[2].root
 
 Each checkpoint's model is a tiny two-layer MLP whose weights depend on the step.
-Step records carry a ``sha256-batch-v1`` digest per step so data sections have
-something to commit to.
+Step records carry a ``data`` field with a ``sha256-batch-v1`` digest (bare hex, the
+algorithm named in ``run_start.digests.data``, as the capture callback writes them).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class FakeRun:
     run_id: str
     model_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     model_digests: dict[int, StateDigest] = field(default_factory=dict)
-    head: LedgerHead | None = None
+    head: LedgerHead = field(default_factory=lambda: LedgerHead(0, "0" * 64))
 
 
 def model_state(step: int, *, seed: int = 0, width: int = 8) -> dict[str, torch.Tensor]:
@@ -91,6 +91,7 @@ def build_fake_run(
                 "hyperparameters": {"lr": 0.1, "hidden": 8},
                 "trainer": {"max_steps": max(steps), "deterministic": True},
                 "environment": {"python": "3.11", "torch": torch.__version__},
+                "digests": {"data": "sha256-batch-v1"},
             }
         ),
     }
@@ -103,7 +104,7 @@ def build_fake_run(
                 if trained == 0:
                     continue
                 batch = hashlib.sha256(f"{rid}:batch:{trained}".encode()).hexdigest()
-                ledger.append("step", {"step": trained, "batch_digest": f"sha256-batch-v1:{batch}", "loss": "0x0"})
+                ledger.append("step", {"step": trained, "data": batch, "loss": "float32:00000000"})
             previous = step
             state = model_state(step, seed=seed)
             relative = rundir.checkpoint_relative_path(step)

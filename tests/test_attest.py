@@ -22,6 +22,7 @@ from torch_integrity.attest import (
 )
 from torch_integrity.canonical import canonical_json
 from torch_integrity.digest import Digest
+from torch_integrity.dsse import sign_envelope
 from torch_integrity.errors import (
     ApprovalError,
     DigestMismatchError,
@@ -31,7 +32,7 @@ from torch_integrity.errors import (
     UsageError,
 )
 from torch_integrity.keys import PrivateKey
-from torch_integrity.signing import SEAL_PAYLOAD_TYPE, sign_envelope
+from torch_integrity.signing import SEAL_PAYLOAD_TYPE
 
 
 @pytest.fixture

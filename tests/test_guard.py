@@ -13,7 +13,7 @@ from torch_integrity.digest import Digest, digest_state_dict
 from torch_integrity.errors import DigestMismatchError, IntegrityError, UsageError
 
 
-def make_model() -> torch.nn.Module:
+def make_model() -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
 
@@ -36,11 +36,11 @@ def test_check_passes_on_the_expected_weights() -> None:
 def test_one_flipped_bit_is_caught_and_named() -> None:
     model = make_model()
     guard = WeightGuard(model, digest_state_dict(model.state_dict()))
-    flip_bit(model[2].weight, index=7, bit=0)  # the lowest mantissa bit: a change of ~1e-8
+    flip_bit(model.get_parameter("2.weight"), index=7, bit=0)  # the lowest mantissa bit: a change of ~1e-8
     with pytest.raises(DigestMismatchError, match=r"differing tensors: 2\.weight") as caught:
         guard.check()
     assert caught.value.differing == ("2.weight",)
-    flip_bit(model[2].weight, index=7, bit=0)  # flipped back: the weights are the approved ones again
+    flip_bit(model.get_parameter("2.weight"), index=7, bit=0)  # flipped back: the weights are the approved ones again
     guard.check()
 
 
@@ -60,7 +60,7 @@ def test_background_thread_calls_the_handler_naming_the_tensor() -> None:
         while guard.checks < 2 and time.monotonic() < deadline:  # let it pass a few clean checks first
             time.sleep(0.01)
         assert guard.checks >= 2 and not caught
-        flip_bit(model[0].bias, index=5, bit=30)  # a live, in-place change while the thread runs
+        flip_bit(model.get_parameter("0.bias"), index=5, bit=30)  # a live, in-place change while the thread runs
         assert called.wait(5), "the guard never reported the flipped weight"
         checks_then = guard.checks
         while guard.checks < checks_then + 3 and time.monotonic() < deadline + 5:
@@ -75,7 +75,7 @@ def test_background_thread_calls_the_handler_naming_the_tensor() -> None:
 def test_replaced_or_added_tensors_are_caught() -> None:
     model = make_model()
     guard = WeightGuard(model, digest_state_dict(model.state_dict()))
-    original = model[0].weight
+    original = model.get_parameter("0.weight")
     model[0].weight = torch.nn.Parameter(original.detach().clone() * 1.0001)  # a fine-tuned copy swapped in
     with pytest.raises(DigestMismatchError) as caught:
         guard.check()
@@ -92,7 +92,7 @@ def test_root_only_expectation_detects_but_cannot_name() -> None:
     expected = digest_state_dict(model.state_dict())
     guard = WeightGuard(model, expected.root)
     guard.check()
-    flip_bit(model[0].weight)
+    flip_bit(model.get_parameter("0.weight"))
     with pytest.raises(DigestMismatchError) as caught:
         guard.check()
     assert caught.value.differing == ()
@@ -106,7 +106,7 @@ def test_update_expected_while_paused() -> None:
     guard = WeightGuard(model, digest_state_dict(model.state_dict()))
     with guard.paused():
         with torch.no_grad():
-            model[2].bias.add_(1.0)
+            model.get_parameter("2.bias").add_(1.0)
         guard.update_expected(digest_state_dict(model.state_dict()))
     guard.check()
 
@@ -145,7 +145,12 @@ def test_unhashable_weights_fail_closed_in_the_background() -> None:
     state = {"w": torch.zeros(4)}
     got = threading.Event()
     errors: list[IntegrityError] = []
-    guard = WeightGuard(state, digest_state_dict(state), interval=0.01, on_mismatch=lambda e: (errors.append(e), got.set()))
+
+    def on_mismatch(error: IntegrityError) -> None:
+        errors.append(error)
+        got.set()
+
+    guard = WeightGuard(state, digest_state_dict(state), interval=0.01, on_mismatch=on_mismatch)
     state["w"] = torch.zeros(4).to_sparse()
     with guard:
         assert got.wait(5)
@@ -172,6 +177,6 @@ def test_cuda_weights_are_checked_in_place() -> None:
     model = make_model().cuda()
     guard = WeightGuard(model, digest_state_dict(model.state_dict()))
     assert guard.check().root == digest_state_dict({k: v.cpu() for k, v in model.state_dict().items()}).root
-    flip_bit(model[2].weight)
+    flip_bit(model.get_parameter("2.weight"))
     with pytest.raises(DigestMismatchError, match=r"2\.weight"):
         guard.check()

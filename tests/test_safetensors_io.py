@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from torch_integrity import safetensors_io
@@ -143,9 +145,7 @@ def test_writer_refuses_duplicates_and_unstorable_tensors():
 # --- THREATS row 11: malformed files refused before any tensor is allocated ---------------
 
 
-def build(
-    header: Any, data: bytes = b"", *, declared_length: int | None = None, raw_header: bytes | None = None
-) -> bytes:
+def build(header: Any, data: bytes = b"", *, declared_length: int | None = None, raw_header: bytes | None = None) -> bytes:
     encoded = raw_header if raw_header is not None else json.dumps(header).encode()
     length = len(encoded) if declared_length is None else declared_length
     return struct.pack("<Q", length) + encoded + data
@@ -182,8 +182,7 @@ MALFORMED = {
         build(
             None,
             bytes(8),
-            raw_header=b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-            b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+            raw_header=b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
         ),
         "duplicate JSON key 'a'",
     ),
@@ -274,3 +273,29 @@ def test_torch_save_archives_are_named_as_such():
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
     with pytest.raises(MalformedFileError, match="pickle or zip"):
         parse_header(legacy.getvalue(), what="model.pt")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    specs=st.lists(
+        st.tuples(
+            st.sampled_from(sorted(DTYPE_CODES, key=str)),
+            st.lists(st.integers(0, 3), max_size=3),
+            st.integers(0, 2**31),
+        ),
+        max_size=6,
+    )
+)
+def test_streaming_digest_equals_one_shot_and_round_trips(specs):
+    tensors = {}
+    for index, (dtype, shape, seed) in enumerate(specs):
+        count = 1
+        for size in shape:
+            count *= size
+        raw = torch.randint(0, 256, (count * dtype.itemsize,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        tensors[f"t{index}"] = raw.view(dtype).reshape(shape)
+    data, digest = write_to_bytes(tensors)
+    assert digest == hashlib.sha256(data).hexdigest()
+    loaded, _ = load_safetensors_buffer(bytearray(data), what="file")
+    assert_same_tensors(loaded, tensors)
+    assert_same_tensors(safetensors.torch.load(data), tensors)

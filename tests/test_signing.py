@@ -25,6 +25,7 @@ from torch_integrity.approvals import (
 )
 from torch_integrity.canonical import canonical_json
 from torch_integrity.digest import Digest
+from torch_integrity.dsse import Envelope, pae, sign_envelope, verified_key_ids
 from torch_integrity.errors import (
     ApprovalError,
     DigestMismatchError,
@@ -42,16 +43,7 @@ from torch_integrity.keys import (
     load_public_key,
     parse_public_key,
 )
-from torch_integrity.ledger import LedgerHead
-from torch_integrity.signing import (
-    SEAL_PAYLOAD_TYPE,
-    Envelope,
-    check_seals,
-    pae,
-    seal_run,
-    sign_envelope,
-    verified_key_ids,
-)
+from torch_integrity.signing import SEAL_PAYLOAD_TYPE, check_seals, seal_run
 
 NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -285,7 +277,7 @@ def forge(run: FakeRun, key: PrivateKey, *, payload_type: str = APPROVAL_PAYLOAD
         step=2,
         model_digest=run.model_digests[2].root,
         file_digest=Digest("sha256", "0" * 64),
-        ledger=run.head or LedgerHead(0, "0" * 64),
+        ledger=run.head,
         key_id=key.key_id,
         approved_at=NOW,
         expires_at=None,

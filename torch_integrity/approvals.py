@@ -35,21 +35,20 @@ from typing import Any
 
 from torch_integrity.canonical import canonical_json, strict_loads
 from torch_integrity.digest import STATE_ALGORITHM, Digest
+from torch_integrity.dsse import Envelope, sign_envelope, verified_key_ids
 from torch_integrity.errors import ApprovalError, IntegrityError, MalformedFileError, UsageError
 from torch_integrity.fsutil import atomic_write_bytes
 from torch_integrity.keys import PrivateKey, PublicKey, parse_public_key, read_small_file
 from torch_integrity.ledger import LedgerHead
 from torch_integrity.rundir import open_run
 from torch_integrity.signing import (
-    Envelope,
     ensure_folder,
     format_time,
     parse_time,
     safe_key_name,
-    sign_envelope,
     signed_files,
     utc_now,
-    verified_key_ids,
+    verified_model_state,
 )
 
 APPROVALS_DIR = "approvals"
@@ -186,7 +185,7 @@ def approve(
     root = Path(run_dir)
     history = open_run(root)
     entry = history.checkpoint_at(step)
-    history.load_model_state(entry)  # verifies the file's digest and every tensor
+    verified_model_state(history, entry)  # the file's digest, then the weights' Merkle root
     moment = (now or utc_now()).replace(microsecond=0)
     approval = Approval(
         run_id=history.run_id,
@@ -315,6 +314,32 @@ class ApprovalReport:
     def satisfied(self) -> bool:
         """Whether at least ``threshold`` distinct keys approved."""
         return len(self.approved_by) >= self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON form, for ``--json`` reports."""
+        return {
+            "run_id": self.run_id,
+            "model_digest": str(self.model_digest),
+            "steps": list(self.steps),
+            "threshold": self.threshold,
+            "satisfied": self.satisfied,
+            "approved_by": [{"key_id": k, "name": self.names.get(k, k)} for k in self.approved_by],
+            "approvals": [
+                {
+                    "file": f"{APPROVALS_DIR}/{a.path.name}" if a.path else None,
+                    "key_id": a.key_id,
+                    "step": a.step,
+                    "approved_at": format_time(a.approved_at),
+                    "expires_at": format_time(a.expires_at) if a.expires_at else None,
+                    "reason": a.reason,
+                }
+                for a in self.approvals
+            ],
+            "rejected": [{"file": file, "reason": reason} for file, reason in self.rejected],
+        }
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def summary(self) -> str:
         """One line per fact, for people."""

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from torch_integrity import __version__, merkle
+from torch_integrity.batch import BATCH_ALGORITHM
 from torch_integrity.canonical import canonical_json, strict_loads
 from torch_integrity.digest import BYTES_ALGORITHM, STATE_ALGORITHM, Digest
+from torch_integrity.dsse import Envelope, sign_envelope, verified_key_ids
 from torch_integrity.errors import (
     ApprovalError,
     DigestMismatchError,
@@ -53,19 +55,16 @@ from torch_integrity.keys import KeySource, PrivateKey, load_public_keys
 from torch_integrity.ledger import LedgerHead
 from torch_integrity.rundir import RunHistory, open_run
 from torch_integrity.signing import (
-    Envelope,
     format_time,
-    sign_envelope,
     signed_files,
     utc_now,
-    verified_key_ids,
+    verified_model_state,
 )
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 PREDICATE_TYPE = "https://torch-integrity.dev/provenance/training/v1"
 DIGEST_ANNOTATION = "torch-integrity.dev/digest-algorithm"
-BATCH_ALGORITHM = "sha256-batch-v1"
 LEDGER_ALGORITHM = "torch-integrity-ledger-v1"
 REPLAYS_DIR = "replays"
 MAX_REPLAY_FILES = 1000
@@ -76,30 +75,48 @@ _MAX_SUMMARY_TEXT = 500
 # --- building --------------------------------------------------------------------------
 
 
-def _batch_digests(body: Mapping[str, Any]) -> list[str]:
-    """The ``sha256-batch-v1`` digests a step record carries, whatever the field name."""
-    found: list[str] = []
-    for value in body.values():
-        items = value if isinstance(value, list) else [value]
-        found += [v for v in items if isinstance(v, str) and v.startswith(BATCH_ALGORITHM + ":")]
-    return found
+def _batch_digests(body: Mapping[str, Any], algorithm: str) -> tuple[list[bytes], int]:
+    """The batch digests a step record's ``data`` field holds (one, or one per micro-batch).
+
+    Capture writes bare hex named by ``run_start.digests.data``; ``<algorithm>:<hex>``
+    strings are read too. Returns the raw digests and how many entries were not
+    secure digests (never counted as evidence).
+    """
+    value = body.get("data")
+    items = value if isinstance(value, list) else [value]
+    found: list[bytes] = []
+    rejected = 0
+    for item in items:
+        if item is None:
+            continue
+        text = item if isinstance(item, str) and ":" in item else f"{algorithm}:{item}"
+        try:
+            found.append(Digest.parse(text).raw)
+        except MalformedFileError:
+            rejected += 1
+    return found, rejected
 
 
 def _data_section(history: RunHistory, before_seq: int) -> dict[str, Any]:
     """Commit to every batch digest recorded before the checkpoint, in ledger order."""
+    declared = history.start[0].get("digests")
+    algorithm = declared.get("data") if isinstance(declared, dict) else None
+    algorithm = algorithm if isinstance(algorithm, str) else BATCH_ALGORITHM
     leaves: list[bytes] = []
-    steps = 0
+    steps = rejected = 0
     for record in history.iter_steps():
         if record.seq >= before_seq:
             break
         steps += 1
-        for text in _batch_digests(record.body):
-            leaves.append(Digest.parse(text).raw)
+        found, bad = _batch_digests(record.body, algorithm)
+        leaves += found
+        rejected += bad
     return {
-        "batchDigestAlgorithm": BATCH_ALGORITHM if leaves else None,
+        "batchDigestAlgorithm": algorithm if leaves else None,
         "batchDigests": len(leaves),
         "batchDigestsMerkleRoot": merkle.merkle_root(leaves).hex() if leaves else None,
         "stepRecords": steps,
+        "unrecognizedBatchDigests": rejected,
     }
 
 
@@ -156,7 +173,7 @@ def build_statement(run_dir: Path | str, step: int, *, now: dt.datetime | None =
     root = Path(run_dir)
     history = open_run(root)
     entry = history.checkpoint_at(step)
-    history.load_model_state(entry)  # verifies the file digest and every tensor
+    verified_model_state(history, entry)  # the file's digest, then the weights' Merkle root
     first, *resumes = history.start
     settings = {k: v for k, v in first.items() if k not in ("format", "run_id")}
     predicate = {
@@ -349,5 +366,5 @@ def verify_attestation(
             raise DigestMismatchError(f"model at step {step} of run {run_id}", model, entry.model.root)
         if entry.file_digest != file_digest:
             raise DigestMismatchError(f"checkpoint file {entry.path}", file_digest, entry.file_digest)
-        history.load_model_state(entry)
+        verified_model_state(history, entry)
     return AttestationReport(signatures.valid, statement, run_id, step, model, ledger, run_dir is not None)

@@ -248,6 +248,9 @@ class IntegrityCallback(Callback):
             self.run_id = str(self._resume["run_id"])
             self._fingerprint_key = int(self._resume["fingerprint_key"])
             self._restore_rng_at_next_batch = self._resume["rng"]
+            # also now: batches fetched before the first training batch (an IterableDataset's
+            # prefetch draws from the global RNG) must see the checkpointed stream
+            restore_global_rng(self._resume["rng"])
             self._next_batch_idx = int(self._resume["data"]["next_batch_idx"])
             self._last_checkpoint_step = int(self._resume["step"])
         else:
@@ -258,6 +261,9 @@ class IntegrityCallback(Callback):
             self._ledger.append("run_start", self._run_start_body(trainer, pl_module), durable=True)
         if self._resume is None:
             self._checkpoint(trainer)
+            # the first batch starts from the RNG state the step-0 checkpoint holds, whatever
+            # the DataLoader's prefetch consumed in between (as every later batch does)
+            self._restore_rng_at_next_batch = capture_global_rng()
 
     def _run_start_body(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         datamodule = getattr(trainer, "datamodule", None)

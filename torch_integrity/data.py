@@ -235,6 +235,12 @@ def instrument_dataloader(loader: Any, controller: Controller) -> Instrumented:
     if not isinstance(loader, DataLoader):
         return Instrumented(loader, None, iterable=True)
     if isinstance(loader.dataset, IterableDataset):
+        if loader.generator is None:
+            # each iterator draws a base seed from loader.generator, else from the global (training)
+            # RNG; a replay that restarts an epoch creates one more iterator than the run did
+            private = torch.Generator()
+            private.manual_seed(derive_seed(controller.run_seed, "loader-base-seed"))
+            object.__setattr__(loader, "generator", private)
         return Instrumented(loader, None, iterable=True)
     if not getattr(loader, "in_order", True):
         raise UsageError(

@@ -42,6 +42,8 @@ GENESIS = bytes(32)
 _DOMAIN = b"torch-integrity:ledger:v1\x00"
 _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"}\n\Z')
 _SEQ_TAIL = re.compile(rb',"kind":"([a-z_]{1,64})","seq":(0|[1-9][0-9]{0,17})\Z')
+_HASH_SUFFIX_BYTES = len(b',"hash":""}\n') + 64  # the one length a line's hash field has
+_SEQ_TAIL_MAX_BYTES = len(b',"kind":"","seq":') + 64 + 18  # the longest match of _SEQ_TAIL
 
 
 @dataclass(frozen=True)
@@ -124,27 +126,36 @@ def _lines(handle: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
 
 def _check_line(path: Path, number: int, line: bytes, prev: bytes, expect_seq: int) -> tuple[bytes, str, bytes]:
     """Verify one line against the chain; return ``(hash, kind, payload)``."""
-    where = f"{path} record {expect_seq} (line {number})"
     if not line.endswith(b"\n"):
-        raise TruncatedError(f"{where}: ends without a newline; the ledger was cut mid-record")
-    match = _HASH_SUFFIX.search(line)
-    if match is None:
-        raise TamperedError(f"{where}: not a ledger record (no hash field where one belongs)")
-    payload = line[: match.start()] + b"}"
-    tail = _SEQ_TAIL.search(payload[:-1])
+        raise TruncatedError(f"{_where(path, expect_seq, number)}: ends without a newline; the ledger was cut mid-record")
+    # This runs once per record, so it is kept lean: the hash field has a fixed length and
+    # is compared as bytes (a non-hex value cannot equal the computed hex), and the seq
+    # pattern, which ends at the end of its input, is searched only over the last bytes.
+    start = len(line) - _HASH_SUFFIX_BYTES
+    if start < 0 or line[start : start + 9] != b',"hash":"' or line[-3:] != b'"}\n':
+        raise TamperedError(f"{_where(path, expect_seq, number)}: not a ledger record (no hash field where one belongs)")
+    payload = line[:start] + b"}"
+    tail = _SEQ_TAIL.search(payload, max(0, start - _SEQ_TAIL_MAX_BYTES), start)
     if tail is None or not payload.startswith(b'{"body":'):
-        raise TamperedError(f"{where}: record layout is not canonical")
+        raise TamperedError(f"{_where(path, expect_seq, number)}: record layout is not canonical")
     seq = int(tail.group(2))
     if seq != expect_seq:
-        raise TamperedError(f"{where}: expected seq {expect_seq}, found {seq} (record deleted, inserted or reordered)")
-    computed = record_hash(prev, payload)
-    stored = match.group(1).decode()
-    if computed.hex() != stored:
         raise TamperedError(
-            f"{where}: content does not match the chain; expected hash {computed.hex()}, "
-            f"record says {stored} (this record or the one before it was altered)"
+            f"{_where(path, expect_seq, number)}: expected seq {expect_seq}, found {seq} "
+            "(record deleted, inserted or reordered)"
+        )
+    computed = record_hash(prev, payload)
+    stored = line[start + 9 : -3]
+    if computed.hex().encode() != stored:
+        raise TamperedError(
+            f"{_where(path, expect_seq, number)}: content does not match the chain; expected hash {computed.hex()}, "
+            f"record says {stored.decode('ascii', 'replace')} (this record or the one before it was altered)"
         )
     return computed, tail.group(1).decode(), payload
+
+
+def _where(path: Path, seq: int, number: int) -> str:
+    return f"{path} record {seq} (line {number})"
 
 
 def read_records(path: Path) -> Iterator[Record]:

@@ -149,6 +149,7 @@ class ReplayCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resume is not None:
             self._restore_rng = self._resume["rng"]
+            restore_global_rng(self._resume["rng"])  # as capture does: prefetched batches see it too
         if trainer.global_step != self.segment.start_step:
             self._diverge(trainer.global_step, "steps", self.segment.start_step, trainer.global_step)
 

@@ -23,11 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +73,39 @@ class _Sink:
         self.hasher.update(payload)
 
 
+_TENSOR_HEADERS: dict[tuple[torch.dtype, tuple[int, ...]], bytes] = {}
+
+
+def _tensor_header(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """Everything a tensor contributes before its bytes (cached: datasets repeat shapes)."""
+    header = _TENSOR_HEADERS.get((dtype, shape))
+    if header is None:
+        name = dtype_name(dtype).encode("ascii")
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header = (
+            TAG_TENSOR + _U64.pack(len(name)) + name + _U64.pack(len(shape))
+            + struct.pack(f"<{len(shape)}Q", *shape) + _U64.pack(nbytes)
+        )
+        if len(_TENSOR_HEADERS) > 4096:
+            _TENSOR_HEADERS.clear()
+        _TENSOR_HEADERS[(dtype, shape)] = header
+    return header
+
+
 def _encode_tensor(tensor: torch.Tensor, sink: _Sink) -> None:
-    name = dtype_name(tensor.dtype).encode("ascii")
-    shape = tuple(tensor.shape)
-    out = sink.buffer
-    out += TAG_TENSOR
-    out += _U64.pack(len(name))
-    out += name
-    out += _U64.pack(len(shape))
-    out += struct.pack(f"<{len(shape)}Q", *shape)
-    out += _U64.pack(tensor.numel() * tensor.element_size())
+    sink.buffer += _tensor_header(tensor.dtype, tuple(tensor.shape))
+    if (
+        tensor.is_cpu
+        and tensor.layout == torch.strided
+        and tensor.is_contiguous()
+        and not (tensor.is_conj() or tensor.is_neg() or tensor.is_quantized)
+    ):
+        # Fast path for the common case (small CPU tensors from __getitem__): view the
+        # tensor's memory in place; ``tensor`` keeps it alive while it is hashed.
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            sink.large(memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B"))
+        return
     for chunk in tensor_byte_chunks(tensor):
         sink.large(chunk)
 
@@ -106,6 +130,49 @@ def _encode_array(value: np.ndarray | np.generic, sink: _Sink) -> None:
         sink.large(flat.data)
 
 
+def _encode_none(value: None, sink: _Sink, depth: int) -> None:
+    sink.buffer += TAG_NONE
+
+
+def _encode_bool(value: bool, sink: _Sink, depth: int) -> None:
+    sink.buffer += TAG_TRUE if value else TAG_FALSE
+
+
+def _encode_int(value: int, sink: _Sink, depth: int) -> None:
+    number = int(value)
+    size = number.bit_length() // 8 + 1  # room for the sign bit
+    sink.buffer += TAG_INT + _U64.pack(size) + number.to_bytes(size, "little", signed=True)
+
+
+def _encode_float(value: float, sink: _Sink, depth: int) -> None:
+    sink.buffer += TAG_FLOAT + _F64.pack(value)
+
+
+def _encode_str(value: str, sink: _Sink, depth: int) -> None:
+    try:
+        text = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("cannot digest a string that is not valid Unicode (lone surrogate)") from None
+    sink.buffer += TAG_STR + _U64.pack(len(text)) + text
+
+
+def _encode_bytes(value: bytes | bytearray | memoryview, sink: _Sink, depth: int) -> None:
+    view = memoryview(value)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    view = view.cast("B")
+    sink.buffer += TAG_BYTES + _U64.pack(len(view))
+    sink.large(view)
+
+
+def _encode_sequence(value: tuple[Any, ...] | list[Any], sink: _Sink, depth: int) -> None:
+    if depth >= _MAX_DEPTH:
+        raise UsageError(f"sample nests deeper than {_MAX_DEPTH} levels (or contains itself)")
+    sink.buffer += (TAG_TUPLE if isinstance(value, tuple) else TAG_LIST) + _U64.pack(len(value))
+    for item in value:
+        _encode(item, sink, depth + 1)
+
+
 def _encode_key(key: Any, depth: int) -> bytes:
     if not (key is None or isinstance(key, bool | int | float | str | bytes | tuple)):
         raise UsageError(f"cannot digest a dict key of type {type(key).__name__}")
@@ -114,62 +181,57 @@ def _encode_key(key: Any, depth: int) -> bytes:
     return bytes(sink.buffer)
 
 
-def _encode(value: Any, sink: _Sink, depth: int) -> None:
-    if depth > _MAX_DEPTH:
+def _encode_mapping(value: Mapping[Any, Any], sink: _Sink, depth: int) -> None:
+    if depth >= _MAX_DEPTH:
         raise UsageError(f"sample nests deeper than {_MAX_DEPTH} levels (or contains itself)")
-    out = sink.buffer
-    if value is None:
-        out += TAG_NONE
-    elif isinstance(value, bool):
-        out += TAG_TRUE if value else TAG_FALSE
-    elif isinstance(value, torch.Tensor):
-        _encode_tensor(value, sink)
-    elif isinstance(value, np.ndarray | np.generic):  # before float: np.float64 is a float
-        _encode_array(value, sink)
-    elif isinstance(value, int):
-        number = int(value)
-        out += TAG_INT
-        size = number.bit_length() // 8 + 1
-        out += _U64.pack(size)
-        out += number.to_bytes(size, "little", signed=True)
-    elif isinstance(value, float):
-        out += TAG_FLOAT
-        out += _F64.pack(value)
-    elif isinstance(value, str):
-        try:
-            text = value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UsageError("cannot digest a string that is not valid Unicode (lone surrogate)") from None
-        out += TAG_STR
-        out += _U64.pack(len(text))
-        out += text
-    elif isinstance(value, bytes | bytearray | memoryview):
-        view = memoryview(value)
-        if not view.c_contiguous:
-            view = memoryview(view.tobytes())
-        view = view.cast("B")
-        out += TAG_BYTES
-        out += _U64.pack(len(view))
-        sink.large(view)
-    elif isinstance(value, tuple | list):
-        out += TAG_TUPLE if isinstance(value, tuple) else TAG_LIST
-        out += _U64.pack(len(value))
-        for item in value:
-            _encode(item, sink, depth + 1)
-    elif isinstance(value, Mapping):
-        entries = sorted(((_encode_key(key, depth + 1), item) for key, item in value.items()), key=lambda e: e[0])
-        if any(entries[i][0] == entries[i + 1][0] for i in range(len(entries) - 1)):
-            raise UsageError("cannot digest a dict with two keys that encode alike (e.g. two NaN keys)")
-        out += TAG_DICT
-        out += _U64.pack(len(entries))
-        for key_bytes, item in entries:
-            sink.buffer += key_bytes
-            _encode(item, sink, depth + 1)
-    else:
-        raise UsageError(
-            f"cannot digest a sample part of type {type(value).__name__}: samples may hold tensors, numpy "
-            "arrays, int, float, str, bytes, bool, None and tuples/lists/dicts of these"
-        )
+    entries = sorted(((_encode_key(key, depth + 1), item) for key, item in value.items()), key=lambda e: e[0])
+    if any(entries[i][0] == entries[i + 1][0] for i in range(len(entries) - 1)):
+        raise UsageError("cannot digest a dict with two keys that encode alike (e.g. two NaN keys)")
+    sink.buffer += TAG_DICT + _U64.pack(len(entries))
+    for key_bytes, item in entries:
+        sink.buffer += key_bytes
+        _encode(item, sink, depth + 1)
+
+
+_Encoder = Callable[[Any, _Sink, int], None]
+
+# Exact types, looked up first; subclasses go through _encoder_for.
+_ENCODERS: dict[type, _Encoder] = {
+    torch.Tensor: lambda value, sink, depth: _encode_tensor(value, sink),
+    int: _encode_int,
+    tuple: _encode_sequence,
+    list: _encode_sequence,
+    float: _encode_float,
+    str: _encode_str,
+    dict: _encode_mapping,
+    bytes: _encode_bytes,
+    type(None): _encode_none,
+    bool: _encode_bool,
+    np.ndarray: lambda value, sink, depth: _encode_array(value, sink),
+}
+
+
+def _encoder_for(value: Any) -> _Encoder:
+    # Order matters: bool is an int, np.float64 is a float, a Parameter is a Tensor.
+    if isinstance(value, torch.Tensor):
+        return _ENCODERS[torch.Tensor]
+    if isinstance(value, np.ndarray | np.generic):
+        return _ENCODERS[np.ndarray]
+    for kind in (bool, int, float, str, tuple, list):
+        if isinstance(value, kind):
+            return _ENCODERS[kind]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _encode_bytes
+    if isinstance(value, Mapping):
+        return _encode_mapping
+    raise UsageError(
+        f"cannot digest a sample part of type {type(value).__name__}: samples may hold tensors, numpy "
+        "arrays, int, float, str, bytes, bool, None and tuples/lists/dicts of these"
+    )
+
+
+def _encode(value: Any, sink: _Sink, depth: int) -> None:
+    (_ENCODERS.get(type(value)) or _encoder_for(value))(value, sink, depth)
 
 
 def digest_sample_bytes(sample: Any) -> bytes:

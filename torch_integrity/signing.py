@@ -1,18 +1,7 @@
-"""Signed envelopes (DSSE) and ledger seals.
+"""Ledger seals, and the helpers every signed record shares (time, folders).
 
-**Envelopes.** Everything torch-integrity signs (seals, approvals, attestations) is a
-DSSE envelope (https://github.com/secure-systems-lab/dsse)::
-
-    {"payload": "<base64 body>", "payloadType": "<type>",
-     "signatures": [{"keyid": "<key id>", "sig": "<base64 Ed25519 signature>"}]}
-
-The signature covers the pre-authentication encoding (:func:`pae`)::
-
-    "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body
-
-(SP a space, LEN the byte length in ASCII decimal), so the payload type is signed
-too: a seal can never be passed off as an approval or an attestation. Bodies written
-here are canonical JSON (:mod:`torch_integrity.canonical`).
+Everything torch-integrity signs is a DSSE envelope (:mod:`torch_integrity.dsse`)
+whose body is canonical JSON (:mod:`torch_integrity.canonical`).
 
 **Seals.** ``seal_run`` signs the ledger's current head (run id, record count, last
 record hash, time, key id) and stores the envelope at
@@ -22,25 +11,34 @@ a detected failure: :func:`check_seals` requires the sealed head to still be a p
 of the ledger. Keep a copy of the seal outside the run directory (or in a log) if the
 run directory's owner might delete seal files: a deleted seal proves nothing.
 
-Example:
-    >>> pae("application/example", b"hello")
-    b'DSSEv1 19 application/example 5 hello'
+Approvals live in :mod:`torch_integrity.approvals`; ``signing.check_approvals`` and the
+other approval names are re-exported here for convenience.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from torch_integrity.canonical import canonical_json, strict_loads
+from torch_integrity.digest import digest_state_dict
+from torch_integrity.dsse import (
+    Envelope,
+    EnvelopeSignature,
+    SignatureCheck,
+    pae,
+    sign_envelope,
+    verified_key_ids,
+)
 from torch_integrity.errors import (
     ApprovalError,
+    DigestMismatchError,
     MalformedFileError,
     MissingFileError,
     TamperedError,
@@ -48,15 +46,23 @@ from torch_integrity.errors import (
     UnsafePathError,
     UsageError,
 )
-from torch_integrity.fsutil import atomic_write_bytes, read_file_bytes
+from torch_integrity.fsutil import atomic_write_bytes
 from torch_integrity.keys import KeySource, PrivateKey, PublicKey, load_public_keys
 from torch_integrity.ledger import LedgerHead, verify_ledger
-from torch_integrity.rundir import open_run
+from torch_integrity.rundir import CheckpointEntry, RunHistory, open_run
+
+if TYPE_CHECKING:  # re-exported lazily below: approvals imports this module
+    from torch_integrity.approvals import ApprovalReport, Policy, approve, check_approvals, load_policy
+
+__all__ = [
+    "SEALS_DIR", "SEAL_PAYLOAD_TYPE", "ApprovalReport", "Envelope", "EnvelopeSignature", "Policy", "Seal",
+    "SealCheck", "SealReport", "SignatureCheck", "approve", "check_approvals", "check_seals", "load_policy",
+    "pae", "seal_run", "sign_envelope", "verified_key_ids",
+]
 
 SEALS_DIR = "seals"
 SEAL_PAYLOAD_TYPE = "application/vnd.torch-integrity.seal+json"
 SEAL_FORMAT = "torch-integrity-seal-v1"
-MAX_ENVELOPE_BYTES = 16 << 20
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 # --- time ------------------------------------------------------------------------------
@@ -84,159 +90,32 @@ def parse_time(text: Any, *, what: str) -> dt.datetime:
         raise MalformedFileError(f"{what}: invalid time {text!r}") from None
 
 
-# --- DSSE envelopes --------------------------------------------------------------------
+def verified_model_state(history: RunHistory, entry: CheckpointEntry) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's model weights, verified before anything is signed about them.
 
+    The whole file must match the SHA-256 the ledger recorded (so every byte, optimizer
+    state included, is the recorded one) and the model state dict must have the recorded
+    Merkle root. Works for checkpoints written by the capture callback (Lightning's
+    ``state_dict`` key) and for plain ``{"model": state_dict}`` checkpoints.
 
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE v1 pre-authentication encoding: the exact bytes a signature covers.
-
-    Args:
-        payload_type: the envelope's ``payloadType`` (its UTF-8 bytes are counted).
-        payload: the serialized body.
-
-    Returns:
-        ``b"DSSEv1 " + LEN(type) + b" " + type + b" " + LEN(body) + b" " + body``.
+    Raises:
+        DigestMismatchError: the file or the weights differ from the ledger.
+        TamperedError: the checkpoint holds no model state or belongs to another run.
     """
-    kind = payload_type.encode("utf-8")
-    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), bytes(payload))
-
-
-def _b64decode(text: Any, *, what: str) -> bytes:
-    """Standard or URL-safe base64 (DSSE allows both), padding optional."""
-    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9+/_-]*={0,2}", text):
-        raise MalformedFileError(f"{what} is not base64")
-    normal = text.replace("-", "+").replace("_", "/").rstrip("=")
-    try:
-        return base64.b64decode(normal + "=" * (-len(normal) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise MalformedFileError(f"{what} is not valid base64") from None
-
-
-@dataclass(frozen=True)
-class EnvelopeSignature:
-    """One DSSE signature: ``keyid`` (may be empty) and the raw signature bytes."""
-
-    keyid: str
-    sig: bytes
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """A DSSE envelope.
-
-    Attributes:
-        payload_type: ``payloadType``.
-        payload: the decoded body bytes.
-        signatures: every signature, in file order.
-    """
-
-    payload_type: str
-    payload: bytes
-    signatures: tuple[EnvelopeSignature, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON envelope (standard base64)."""
-        return {
-            "payload": base64.b64encode(self.payload).decode("ascii"),
-            "payloadType": self.payload_type,
-            "signatures": [
-                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in self.signatures
-            ],
-        }
-
-    def to_bytes(self) -> bytes:
-        """The file form: indented JSON with sorted keys and a final newline."""
-        import json
-
-        return (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-    @classmethod
-    def from_json(cls, data: Any, *, what: str) -> Envelope:
-        """Parse a JSON envelope (unknown fields are ignored, as DSSE requires).
-
-        Raises:
-            MalformedFileError: a required field is missing or mistyped.
-        """
-        if not isinstance(data, dict):
-            raise MalformedFileError(f"{what} is not a DSSE envelope (not a JSON object)")
-        payload_type = data.get("payloadType")
-        signatures = data.get("signatures")
-        if not isinstance(payload_type, str) or "payload" not in data or not isinstance(signatures, list):
-            raise MalformedFileError(f"{what} is not a DSSE envelope (needs payload, payloadType, signatures)")
-        parsed = []
-        for index, entry in enumerate(signatures):
-            if not isinstance(entry, dict) or "sig" not in entry:
-                raise MalformedFileError(f"{what}: signature {index} has no sig")
-            keyid = entry.get("keyid") or ""
-            if not isinstance(keyid, str):
-                raise MalformedFileError(f"{what}: signature {index} has a non-string keyid")
-            parsed.append(EnvelopeSignature(keyid, _b64decode(entry["sig"], what=f"{what} signature {index}")))
-        payload = _b64decode(data["payload"], what=f"{what} payload")
-        return cls(payload_type, payload, tuple(parsed))
-
-    @classmethod
-    def read(cls, path: Path, *, what: str | None = None) -> Envelope:
-        """Read and parse an envelope file (at most 16 MiB, no symlinks)."""
-        buffer = read_file_bytes(path, max_bytes=MAX_ENVELOPE_BYTES)
-        label = what or str(path)
-        return cls.from_json(strict_loads(bytes(buffer), what=label), what=label)
-
-
-def sign_envelope(payload_type: str, payload: bytes, keys: PrivateKey | Sequence[PrivateKey]) -> Envelope:
-    """Sign ``PAE(payload_type, payload)`` with each key.
-
-    Example:
-        >>> key = PrivateKey.generate()
-        >>> envelope = sign_envelope("text/plain", b"x", key)
-        >>> verified_key_ids(envelope, {key.key_id: key.public}).valid == (key.key_id,)
-        True
-    """
-    signers = [keys] if isinstance(keys, PrivateKey) else list(keys)
-    if not signers:
-        raise UsageError("an envelope needs at least one signing key")
-    message = pae(payload_type, payload)
-    return Envelope(payload_type, bytes(payload), tuple(EnvelopeSignature(k.key_id, k.sign(message)) for k in signers))
-
-
-@dataclass(frozen=True)
-class SignatureCheck:
-    """Which signatures of an envelope verified under the trusted keys.
-
-    Attributes:
-        valid: key ids of trusted keys whose signature verifies (each once).
-        invalid: key ids of trusted keys named by a signature that does NOT verify
-            (the payload or its type was changed after signing, or the signature was).
-        unknown: key ids named by signatures from keys that are not trusted.
-    """
-
-    valid: tuple[str, ...]
-    invalid: tuple[str, ...]
-    unknown: tuple[str, ...]
-
-
-def verified_key_ids(envelope: Envelope, trusted: Mapping[str, PublicKey]) -> SignatureCheck:
-    """Check every signature of ``envelope`` against the trusted keys.
-
-    A signature with an empty keyid is tried against every trusted key; one that
-    matches none is counted as unknown (it cannot be told from a stranger's).
-    """
-    message = pae(envelope.payload_type, envelope.payload)
-    valid: list[str] = []
-    invalid: list[str] = []
-    unknown: list[str] = []
-    for signature in envelope.signatures:
-        if signature.keyid:
-            key = trusted.get(signature.keyid)
-            if key is None:
-                unknown.append(signature.keyid)
-            elif key.verify(signature.sig, message):
-                valid.append(key.key_id)
-            else:
-                invalid.append(key.key_id)
-            continue
-        matches = [k.key_id for k in trusted.values() if k.verify(signature.sig, message)]
-        (valid if matches else unknown).extend(matches or ["(no keyid)"])
-    return SignatureCheck(tuple(dict.fromkeys(valid)), tuple(dict.fromkeys(invalid)), tuple(dict.fromkeys(unknown)))
+    state, metadata = history.load_checkpoint(entry)
+    recorded_run = metadata.get("torch_integrity.run_id")
+    if recorded_run not in (None, history.run_id):
+        raise TamperedError(f"{entry.path} belongs to run {recorded_run}, not {history.run_id}")
+    model = state.get("state_dict", state.get("model"))
+    if not isinstance(model, dict) or not all(isinstance(t, torch.Tensor) for t in model.values()):
+        raise TamperedError(f"{entry.path}: checkpoint holds no model state dict")
+    computed = digest_state_dict(model)
+    if computed.root != entry.model.root:
+        raise DigestMismatchError(
+            f"model weights in {entry.path}", entry.model.root, computed.root,
+            differing=tuple(computed.differing(entry.model)),
+        )
+    return model
 
 
 def safe_key_name(key_id: str) -> str:
@@ -395,6 +274,29 @@ class SealReport:
         """Records appended after the latest trusted seal (not protected from truncation)."""
         return self.head.count - self.sealed_count
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON form, for ``--json`` reports."""
+        return {
+            "run_id": self.run_id,
+            "ledger": self.head.to_json(),
+            "sealed_count": self.sealed_count,
+            "unsealed_records": self.unsealed_records,
+            "trusted": [
+                {"file": str(s.path), "key_id": s.key_id, "sealed_at": format_time(s.sealed_at), "ledger": s.head.to_json()}
+                for s in self.trusted
+            ],
+            "untrusted": [{"file": str(c.path), "key_ids": list(c.key_ids)} for c in self.untrusted],
+        }
+
+    def __str__(self) -> str:
+        signers = sorted({s.key_id for s in self.trusted})
+        text = f"{len(self.trusted)} trusted seal(s) by {', '.join(signers)}; sealed {self.sealed_count} of {self.head.count} records"
+        if self.unsealed_records:
+            text += f" ({self.unsealed_records} appended after the newest seal are not protected by it)"
+        if self.untrusted:
+            text += f"; {len(self.untrusted)} seal(s) by untrusted keys ignored"
+        return text
+
 
 def _check_one_seal(
     path: Path,
@@ -485,7 +387,11 @@ def check_seals(
     trusted = load_public_keys(trusted_public_keys)
     history = open_run(root)
     verified: dict[LedgerHead, None] = {history.head: None}
-    paths = [*signed_files(root, SEALS_DIR), *(Path(p) for p in extra_seals)]
+    extra = [Path(p) for p in extra_seals]
+    for path in extra:
+        if not path.is_file():
+            raise UsageError(f"seal file {path} (given as an extra seal) does not exist")
+    paths = [*signed_files(root, SEALS_DIR), *extra]
     checks = tuple(_check_one_seal(p, trusted, history.run_id, history.ledger_path, verified=verified) for p in paths)
     report = SealReport(history.run_id, history.head, checks)
     if not report.trusted:
@@ -497,3 +403,15 @@ def check_seals(
             f"(trusted: {sorted(trusted)}; found: {others})"
         )
     return report
+
+
+_APPROVAL_EXPORTS = frozenset({"ApprovalReport", "Policy", "approve", "check_approvals", "load_policy"})
+
+
+def __getattr__(name: str) -> Any:
+    """``signing.check_approvals`` and friends live in :mod:`torch_integrity.approvals`."""
+    if name in _APPROVAL_EXPORTS:
+        from torch_integrity import approvals
+
+        return getattr(approvals, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
