@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def make_trainer(
 
 def capture(
     run_dir: str | os.PathLike[str],
-    model: pl.LightningModule,
+    model: pl.LightningModule | Callable[[], pl.LightningModule],
     data: Any = None,
     *,
     seed: int = 1234,
@@ -96,10 +96,18 @@ def capture(
     extra_callbacks: Sequence[pl.Callback] = (),
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
-    """Train ``model`` on ``data`` with the callback recording into ``run_dir``."""
+    """Train ``model`` on ``data`` with the callback recording into ``run_dir``.
+
+    ``model`` and ``data`` may be zero-argument callables: they are called after seeding,
+    so two captures with the same seed start from the same initial weights.
+    """
     quiet()
     if seed is not None:
         pl.seed_everything(seed, verbose=False)
+    if not isinstance(model, pl.LightningModule):
+        model = model()
+    if callable(data) and not isinstance(data, pl.LightningDataModule | DataLoader):
+        data = data()
     trainer, _ = make_trainer(run_dir, every=every, callback_kwargs=callback_kwargs,
                               extra_callbacks=extra_callbacks, **trainer_kwargs)
     if isinstance(data, pl.LightningDataModule):
@@ -237,6 +245,23 @@ class LossWeightModule(DemoModule):
         return super().training_step(batch, batch_idx) * self.hparams.loss_weight
 
 
+class WarmupModule(DemoModule):
+    """Sets its learning rate every batch from its ``lr`` hyperparameter (a hand-written warmup).
+
+    The lr it trains with therefore comes from the hyperparameter, not from the optimizer
+    state in the checkpoint.
+    """
+
+    def __init__(self, warmup_steps: int = 4, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        scale = min(1.0, (self.trainer.global_step + 1) / self.hparams.warmup_steps)
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = self.hparams.lr * scale
+
+
 # ---- data -------------------------------------------------------------------------------------
 
 
@@ -370,6 +395,11 @@ def perturbed_sample_factory() -> tuple[pl.LightningModule, pl.LightningDataModu
 def changed_lr_factory() -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """The recorded setup, but the module's learning rate hyperparameter doubled."""
     return DemoModule(lr=0.02), DemoDataModule(**SMALL)
+
+
+def changed_warmup_lr_factory() -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """WarmupModule with its lr hyperparameter doubled."""
+    return WarmupModule(lr=0.02), DemoDataModule(**SMALL)
 
 
 def changed_loss_weight_factory() -> tuple[pl.LightningModule, pl.LightningDataModule]:

@@ -38,18 +38,6 @@ def cli_many(commands: Sequence[Sequence[str | Path]]) -> list[subprocess.Comple
         return list(pool.map(lambda c: cli(*c), commands))
 
 
-def test_keygen(tmp_path: Path) -> None:
-    done = cli("keygen", "--out", tmp_path / "alice")
-    assert done.returncode == 0, done.stderr
-    assert KEY_ID.fullmatch(done.stdout.strip())
-    assert stat.S_IMODE((tmp_path / "alice").stat().st_mode) == 0o600
-    assert (tmp_path / "alice.pub").exists()
-    entry = json.loads(done.stderr.split("policy file entry: ", 1)[1])
-    assert entry["id"] == done.stdout.strip()
-    again = cli("keygen", "--out", tmp_path / "alice")
-    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
-
-
 def test_missing_required_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     from torch_integrity.cli import main
 
@@ -73,8 +61,9 @@ def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert len(text) > 300  # a real description, not just the usage line
 
 
-def test_signing_commands_exit_codes(tmp_path: Path) -> None:
+def test_signing_commands_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from torch_integrity.attest import attest, verify_attestation
+    from torch_integrity.cli import main
     from torch_integrity.keys import generate_key_files, load_private_key
     from torch_integrity.signing import check_seals, seal_run
 
@@ -89,19 +78,16 @@ def test_signing_commands_exit_codes(tmp_path: Path) -> None:
     document = json.loads(att.read_bytes())
     document["payloadType"] = "application/json"
     tampered.write_text(json.dumps(document))
-    truncated = tmp_path / "truncated-run"
-    shutil.copytree(run.run_dir, truncated)
-    seal_run(truncated, private)
-    drop_last_records(truncated, 1)
 
+    # Real subprocesses, two at a time: every verb's success, and one failure of each kind.
     cases: list[tuple[int, list[str | Path]]] = [
+        (0, ["keygen", "--out", tmp_path / "alice"]),
+        (2, ["keygen", "--out", key]),  # exists: never overwritten
         (0, ["seal", run.run_dir, "--key", key]),
         (0, ["approve", run.run_dir, "--step", "2", "--key", key, "--expires", "30d", "--reason", "eval ok"]),
         (0, ["attest", run.run_dir, "--step", "4", "--key", key, "--out", tmp_path / "cli-att.json"]),
         (0, ["verify-attestation", att, "--trusted-key", pub, "--run-dir", run.run_dir]),
         (1, ["verify-attestation", tampered, "--trusted-key", pub]),
-        (1, ["verify-attestation", att, "--trusted-key", tmp_path / "stranger.pub"]),
-        (1, ["verify-attestation", att, "--trusted-key", pub, "--run-dir", truncated]),
         (2, ["approve", run.run_dir, "--step", "99", "--key", key]),
     ]
     results = cli_many([command for _, command in cases])
@@ -109,9 +95,31 @@ def test_signing_commands_exit_codes(tmp_path: Path) -> None:
         assert done.returncode == expected, f"{command}: {done.returncode}\n{done.stdout}\n{done.stderr}"
         if expected == 1:
             assert "INTEGRITY FAILURE" in done.stderr
-    assert "OK: attestation" in results[3].stdout
+    keygen = results[0]
+    assert KEY_ID.fullmatch(keygen.stdout.strip())
+    assert stat.S_IMODE((tmp_path / "alice").stat().st_mode) == 0o600
+    assert (tmp_path / "alice.pub").exists()
+    assert json.loads(keygen.stderr.split("policy file entry: ", 1)[1])["id"] == keygen.stdout.strip()
+    assert "refusing to overwrite" in results[1].stderr
+    assert "OK: attestation" in results[5].stdout
     # What the CLI wrote verifies through the Python API.
     assert len(check_seals(run.run_dir, [pub]).trusted) == 1
     assert verify_attestation(tmp_path / "cli-att.json", [pub], run_dir=run.run_dir).step == 4
-    approvals = list((run.run_dir / "approvals").glob("*.json"))
-    assert len(approvals) == 1
+    assert len(list((run.run_dir / "approvals").glob("*.json"))) == 1
+
+    # More failures through the same entry point, in-process (no torch import per case).
+    truncated = tmp_path / "truncated-run"
+    shutil.copytree(run.run_dir, truncated)
+    seal_run(truncated, private)
+    drop_last_records(truncated, 1)
+    in_process: list[tuple[int, list[str]]] = [
+        (1, ["verify-attestation", str(att), "--trusted-key", str(tmp_path / "stranger.pub")]),
+        (1, ["verify-attestation", str(att), "--trusted-key", str(pub), "--run-dir", str(truncated)]),
+        (1, ["seal", str(truncated), "--key", str(key)]),  # this key sealed 9 records; 8 are left
+        (2, ["approve", str(run.run_dir), "--step", "2", "--key", str(key), "--expires", "soon"]),
+        (2, ["verify-attestation", str(tmp_path / "absent.json"), "--trusted-key", str(pub)]),
+        (2, ["seal", str(run.run_dir), "--key", str(tmp_path / "no-such-key")]),
+    ]
+    for expected, argv in in_process:
+        assert main(argv) == expected, argv
+    capsys.readouterr()

@@ -29,7 +29,7 @@ from torch_integrity.datasource import iter_sample_digests
 from torch_integrity.digest import Digest, sha256_bytes
 from torch_integrity.errors import DigestMismatchError, MalformedFileError, UsageError
 from torch_integrity.fsutil import read_file_bytes
-from torch_integrity.manifest import Manifest, ManifestReference, Transform, load_manifest
+from torch_integrity.manifest import Manifest, ManifestReference, Transform, iter_digests, load_manifest
 from torch_integrity.proofs import DIGEST_SIZE, ROOT_ALGORITHM, MerkleAccumulator
 from torch_integrity.rundir import open_run
 
@@ -85,8 +85,7 @@ def diff_manifests(a: Manifest, b: Manifest) -> ManifestDiff:
         >>> d.changed, d.added, d.removed
         ([1], [], [2])
     """
-    b_view = b.digests
-    diff = _compare(a, (b_view[i : i + DIGEST_SIZE].tobytes() for i in range(0, len(b_view), DIGEST_SIZE)))
+    diff = _compare(a, iter_digests(b))
     if a.kind == b.kind == "folder":  # both sorted by path: merge them
         i = j = 0
         while i < a.count or j < b.count:

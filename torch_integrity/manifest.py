@@ -314,7 +314,7 @@ def load_manifest(
         data = read_file_bytes(path)
     except MissingFileError:
         raise UsageError(f"no manifest at {path}") from None
-    file_digest = Digest(BYTES_ALGORITHM, hashlib.sha256(data).hexdigest())
+    file_digest = sha256_bytes(data)
     reference = _as_reference(expected)
     if reference is not None and reference.file_digest != file_digest:
         raise DigestMismatchError(f"manifest file {path}", reference.file_digest, file_digest)
@@ -361,8 +361,7 @@ def parse_manifest(data: bytes | bytearray, *, file_digest: Digest, what: str = 
     if kind == "dataset":
         return manifest
     paths = body[size:]
-    paths_digest = Digest(BYTES_ALGORITHM, hashlib.sha256(paths).hexdigest())
-    if paths_digest != Digest.parse(header["paths_digest"]):
+    if sha256_bytes(paths) != Digest.parse(header["paths_digest"]):
         raise TamperedError(f"{what}: file paths do not match the recorded paths digest")
     offsets = _path_offsets(paths, count, what)
     return Manifest(kind, count, root, file_digest, provenance, parent, transform, digests, header_line, paths, offsets)

@@ -76,24 +76,25 @@ class _Sink:
 _TENSOR_HEADERS: dict[tuple[torch.dtype, tuple[int, ...]], bytes] = {}
 
 
-def _tensor_header(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+def _tensor_header(tensor: torch.Tensor) -> bytes:
     """Everything a tensor contributes before its bytes (cached: datasets repeat shapes)."""
-    header = _TENSOR_HEADERS.get((dtype, shape))
+    key = (tensor.dtype, tuple(tensor.shape))
+    header = _TENSOR_HEADERS.get(key)
     if header is None:
-        name = dtype_name(dtype).encode("ascii")
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        name = dtype_name(tensor.dtype).encode("ascii")
+        shape = key[1]
         header = (
             TAG_TENSOR + _U64.pack(len(name)) + name + _U64.pack(len(shape))
-            + struct.pack(f"<{len(shape)}Q", *shape) + _U64.pack(nbytes)
+            + struct.pack(f"<{len(shape)}Q", *shape) + _U64.pack(tensor.numel() * tensor.element_size())
         )
         if len(_TENSOR_HEADERS) > 4096:
             _TENSOR_HEADERS.clear()
-        _TENSOR_HEADERS[(dtype, shape)] = header
+        _TENSOR_HEADERS[key] = header
     return header
 
 
 def _encode_tensor(tensor: torch.Tensor, sink: _Sink) -> None:
-    sink.buffer += _tensor_header(tensor.dtype, tuple(tensor.shape))
+    sink.buffer += _tensor_header(tensor)
     if (
         tensor.is_cpu
         and tensor.layout == torch.strided
