@@ -136,14 +136,7 @@ def rollback(run_dir: str | os.PathLike[str], step: int, out: str | os.PathLike[
     """
     history = open_run(run_dir)
     entry = history.checkpoint_at(step)
-    state, _ = history.load_checkpoint(entry)
-    model_state = state.get("state_dict")
-    if not isinstance(model_state, dict):
-        raise TamperedError(f"{entry.path} holds no model state")
-    model, _ = state_digests(state)
-    if model.root != entry.model.root:
-        raise DigestMismatchError(f"model weights in {entry.path}", entry.model.root, model.root,
-                                  differing=tuple(model.differing(entry.model)))
+    model_state = history.load_model_state(entry)  # file digest, run id, then the weights' Merkle root
     destination = Path(out)
     if not destination.parent.is_dir():
         raise UsageError(f"{destination.parent} is not a directory")

@@ -117,6 +117,9 @@ class IntegrityCallback(Callback):
         self._fingerprint_key = 0
         self._last_checkpoint_step = -1
         self._active = False
+        self.rank = 0
+        self.world_size = 1
+        self._rng_per_rank: list[Any] | None = None
 
     # ---- identity -------------------------------------------------------------------
 
@@ -136,6 +139,8 @@ class IntegrityCallback(Callback):
             "step": trainer.global_step if trainer else 0,
             # the RNG as it was when the last training batch ended (see on_train_batch_start)
             "rng": self._restore_rng_at_next_batch or capture_global_rng(),
+            # every rank's RNG (gathered at the checkpoint; rank zero writes the file)
+            "rng_per_rank": self._rng_per_rank,
             "data": {
                 "epoch": trainer.current_epoch if trainer else 0,
                 "next_batch_idx": self._next_batch_idx,
@@ -156,7 +161,10 @@ class IntegrityCallback(Callback):
             return
         self._trainer: pl.Trainer | None = trainer
         self._next_batch_idx = 0
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
         self._prepare_run_dir(trainer)
+        if self.run_seed < 0:
+            self.run_seed = trainer.strategy.broadcast(self._choose_seed(), src=0)
         io = glue.IntegrityCheckpointIO(trainer.strategy.checkpoint_io, self.run_dir, self._on_checkpoint_loaded)
         self._undo = glue.install(trainer, io, self._instrument)
         if not torch.are_deterministic_algorithms_enabled():
@@ -167,9 +175,11 @@ class IntegrityCallback(Callback):
         self._active = True
 
     def _prepare_run_dir(self, trainer: pl.Trainer) -> None:
-        self._held_run = (self.run_dir / LEDGER_FILE).exists() or (
+        held = (self.run_dir / LEDGER_FILE).exists() or (
             self.run_dir.is_dir() and any(not p.name.startswith(".") for p in self.run_dir.iterdir())
         )
+        # rank zero looks before it creates anything; every rank acts on its answer
+        self._held_run = bool(trainer.strategy.broadcast(held, src=0))
         if not trainer.is_global_zero:
             return
         try:
@@ -247,14 +257,20 @@ class IntegrityCallback(Callback):
         if self._resume is not None:
             self.run_id = str(self._resume["run_id"])
             self._fingerprint_key = int(self._resume["fingerprint_key"])
-            self._restore_rng_at_next_batch = self._resume["rng"]
+            per_rank = self._resume.get("rng_per_rank")
+            if per_rank and len(per_rank) != self.world_size:
+                raise UsageError(
+                    f"the checkpoint was written by {len(per_rank)} processes; this run has {self.world_size}. "
+                    "Resume with the same world size."
+                )
+            self._restore_rng_at_next_batch = per_rank[self.rank] if per_rank else self._resume["rng"]
             # also now: batches fetched before the first training batch (an IterableDataset's
             # prefetch draws from the global RNG) must see the checkpointed stream
-            restore_global_rng(self._resume["rng"])
+            restore_global_rng(self._restore_rng_at_next_batch)
             self._next_batch_idx = int(self._resume["data"]["next_batch_idx"])
             self._last_checkpoint_step = int(self._resume["step"])
         else:
-            self.run_id = secrets.token_hex(16)
+            self.run_id = trainer.strategy.broadcast(secrets.token_hex(16), src=0)
             self._fingerprint_key = derive_seed(self.run_id, "fingerprint")
         if trainer.is_global_zero:
             self._ledger = LedgerWriter(self.run_dir / LEDGER_FILE, flush_every=self.flush_every)
@@ -404,6 +420,7 @@ class IntegrityCallback(Callback):
     def _record_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         pending = self._pending
         self._pending = _PendingStep()
+        per_rank = glue.gather(trainer, _rank_part(pending)) if self.world_size > 1 else None
         if self._ledger is None:
             return
         single = len(pending.data) == 1
@@ -418,6 +435,10 @@ class IntegrityCallback(Callback):
         }
         if not single:
             body["sizes"] = pending.sizes
+        if per_rank is not None:
+            for key in ("indices", "data", "loss", "sizes"):
+                body.pop(key, None)
+            body["ranks"] = per_rank
         if pending.real_steps < len(pending.lrs):
             body["skipped_optimizer_steps"] = len(pending.lrs) - pending.real_steps
         if self.fingerprint_every_n_steps and step % self.fingerprint_every_n_steps == 0:
@@ -428,6 +449,8 @@ class IntegrityCallback(Callback):
 
     def _checkpoint(self, trainer: pl.Trainer) -> None:
         self._last_checkpoint_step = trainer.global_step
+        if self.world_size > 1:
+            self._rng_per_rank = glue.gather(trainer, self._restore_rng_at_next_batch or capture_global_rng())
         checkpoint = glue.dump_training_state(trainer)
         if not trainer.is_global_zero or self._ledger is None:
             return
@@ -458,6 +481,19 @@ class IntegrityCallback(Callback):
             },
             durable=True,
         )
+
+def _rank_part(pending: _PendingStep) -> dict[str, Any]:
+    """One rank's share of a step record."""
+    single = len(pending.data) == 1
+    part: dict[str, Any] = {
+        "indices": pending.indices if pending.sizes else None,
+        "data": pending.data[0] if single else pending.data,
+        "loss": pending.losses[0] if single else pending.losses,
+    }
+    if not single:
+        part["sizes"] = pending.sizes
+    return part
+
 
 def _trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
     """The Trainer settings that decide what training computes."""

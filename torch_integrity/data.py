@@ -47,9 +47,11 @@ class SeededIndex:
 _current = threading.local()
 
 
-def batch_seed(run_seed: int, epoch: int, batch_idx: int) -> int:
-    """Seed of one batch's randomness."""
-    return derive_seed(run_seed, "batch", epoch, batch_idx)
+def batch_seed(run_seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
+    """Seed of one batch's randomness (each distributed rank gets its own)."""
+    if rank == 0:
+        return derive_seed(run_seed, "batch", epoch, batch_idx)
+    return derive_seed(run_seed, "batch", epoch, batch_idx, "rank", rank)
 
 
 def sample_seed(seed_of_batch: int, position: int) -> int:
@@ -130,6 +132,7 @@ class Controller(Protocol):
     """What a :class:`RecordingSampler` asks of the callback that owns it."""
 
     run_seed: int
+    rank: int
 
     def plan_iteration(self) -> IterationPlan: ...
 
@@ -184,7 +187,7 @@ class RecordingSampler:
         return getattr(self.inner, name)
 
     def _emit(self, epoch: int, batch_idx: int, indices: Any) -> Any:
-        seed = batch_seed(self.controller.run_seed, epoch, batch_idx)
+        seed = batch_seed(self.controller.run_seed, epoch, batch_idx, self.controller.rank)
         self.pending.append((epoch, batch_idx, _to_json_index(indices)))
         if self.batched:
             return [SeededIndex(index, sample_seed(seed, j), seed) for j, index in enumerate(indices)]

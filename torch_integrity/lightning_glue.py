@@ -197,6 +197,43 @@ def install(trainer: pl.Trainer, io: IntegrityCheckpointIO, instrument: Callable
     return undo
 
 
+def gather(trainer: pl.Trainer, value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (a one-item list without distributed training).
+
+    Objects travel between the run's own processes over its process group (pickled by
+    torch.distributed); nothing read from a file is ever unpickled.
+    """
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, _to_wire(value))
+    return [_from_wire(item) for item in gathered]
+
+
+def _to_wire(value: Any) -> Any:
+    """Tensors as (dtype, shape, bytes): all_gather_object cannot carry CPU tensors reliably."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        return ("$tensor", dtype_name(data.dtype), list(data.shape), data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def _from_wire(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 4 and value[0] == "$tensor":
+        _, dtype, shape, raw = value
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return flat.view(getattr(torch, dtype)).reshape(shape)
+    if isinstance(value, dict):
+        return {k: _from_wire(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_wire(v) for v in value]
+    return value
+
+
 def warn_once(message: str) -> None:
     """A user-visible warning (rank zero only is the caller's job)."""
     warnings.warn(message, UserWarning, stacklevel=3)

@@ -295,7 +295,12 @@ def sample_usage(run_dir: str | Path, index: int) -> SampleUsage:
     history = open_run(run_dir)  # verifies the hash chain first
     steps, unknown = [], 0
     for record in history.iter_steps():
-        indices = record.body.get("indices")
+        ranks = record.body.get("ranks")  # distributed runs record each rank's batch
+        if isinstance(ranks, list):
+            parts = [part.get("indices") if isinstance(part, dict) else None for part in ranks]
+            indices = None if any(part is None for part in parts) else parts
+        else:
+            indices = record.body.get("indices")
         if indices is None:
             unknown += 1
             continue

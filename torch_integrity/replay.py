@@ -62,6 +62,11 @@ class SegmentResult:
         data["verdict"] = self.verdict.value
         return data
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SegmentResult:
+        """Inverse of :meth:`to_json`."""
+        return cls(**{**data, "verdict": Verdict(data["verdict"])})
+
 
 @dataclass
 class ReplayReport:
@@ -181,9 +186,16 @@ def _trainer_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     accelerator = "gpu" if settings.get("accelerator") == "CUDAAccelerator" and torch.cuda.is_available() else "cpu"
+    world_size = int(settings.get("world_size") or 1)
+    if accelerator == "gpu" and torch.cuda.device_count() < world_size:
+        raise ReplayEnvironmentError(
+            f"the run trained on {world_size} GPUs; this machine has {torch.cuda.device_count()}. A replay must use "
+            "the recorded world size (each rank's batches and RNG are recorded separately)."
+        )
     return {
         "accelerator": accelerator,
-        "devices": 1,
+        "devices": world_size,
+        "strategy": "ddp" if world_size > 1 else "auto",
         "max_epochs": settings.get("max_epochs"),
         "min_epochs": settings.get("min_epochs"),
         "max_steps": settings.get("max_steps", -1),
@@ -227,6 +239,9 @@ def replay_segment(
         raise UsageError(f"segment {index} does not exist; the run has {len(segments)}")
     segment = segments[index]
     run_start = segment.run_start
+    world_size = int((run_start.get("trainer") or {}).get("world_size") or 1)
+    if world_size > 1 and os.environ.get(DDP_CHILD_ENV) is None:
+        return _replay_in_ddp_processes(root, index, factory, tolerance, allow_code_change)
     changed = code_differences(run_start) if factory is None else []
     model, data = build_model_and_data(run_start, factory)
     if factory is not None:
@@ -234,8 +249,6 @@ def replay_segment(
     if changed and not allow_code_change:
         raise CodeChangedError("the model code changed since capture (refusing to replay): " + "; ".join(changed))
     settings = run_start.get("trainer", {})
-    if settings.get("world_size", 1) != 1:
-        raise ReplayEnvironmentError(f"the run used {settings.get('world_size')} processes; this replay runs one")
     # the start checkpoint's file and digests are verified by the checkpoint IO before use
     history.load_checkpoint(segment.start)
     callback = ReplayCallback(root, segment, tolerance=tolerance)
@@ -251,8 +264,6 @@ def replay_segment(
         if seed is not None:
             pl.seed_everything(int(seed), verbose=False)
         trainer = pl.Trainer(callbacks=[callback], **_trainer_kwargs(settings))
-        # compared after the Trainer applied its settings (deterministic flags), before training
-        differences = compare_environments(run_start.get("environment", {}), describe_environment())
         fit_args: dict[str, Any] = {"ckpt_path": str((root / segment.start.path).resolve())}
         if isinstance(data, pl.LightningDataModule):
             fit_args["datamodule"] = data
@@ -260,10 +271,47 @@ def replay_segment(
             fit_args["train_dataloaders"] = data
         try:
             trainer.fit(model, **fit_args)
+            # compared as training started (after the strategy set threads and deterministic flags)
+            differences = compare_environments(run_start.get("environment", {}), callback.environment or describe_environment())
         finally:
             for logger, level in zip(quiet, levels, strict=True):
                 logger.setLevel(level)
     return _result(segment, callback, differences, changed, tolerance, time.perf_counter() - began)
+
+
+DDP_CHILD_ENV = "TORCH_INTEGRITY_DDP_REPLAY"
+
+
+def _replay_in_ddp_processes(
+    root: Path, index: int, factory: str | None, tolerance: float | None, allow_code_change: bool
+) -> SegmentResult:
+    """Replay a distributed run's segment with Lightning's DDP strategy in a fresh process.
+
+    Lightning's launcher starts the other ranks by re-running the command line, so the
+    replay gets a command line of its own (``python -m torch_integrity.ddp_replay``);
+    rank zero writes the result as JSON.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ti-ddp-") as folder:
+        out = Path(folder) / "result.json"
+        command = [sys.executable, "-m", "torch_integrity.ddp_replay", str(root), str(index), "--out", str(out)]
+        if factory:
+            command += ["--factory", factory]
+        if tolerance is not None:
+            command += ["--tolerance", repr(tolerance)]
+        if allow_code_change:
+            command.append("--allow-code-change")
+        env = {**os.environ, DDP_CHILD_ENV: "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            message = f"distributed replay of segment {index} failed (exit {done.returncode}): " + " | ".join(tail)
+            if done.returncode == 1:
+                raise VerificationFailure(message)
+            raise ReplayEnvironmentError(message)
+        return SegmentResult.from_json(json.loads(out.read_text()))
 
 
 def _result(segment: Segment, callback: Any, env: list[str], changed: list[str], tolerance: float | None, seconds: float) -> SegmentResult:

@@ -25,7 +25,7 @@ from torch_integrity.batch import digest_batch
 from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
 from torch_integrity.fingerprint import fingerprint_tensors
 from torch_integrity.rng import capture_global_rng, restore_global_rng
-from torch_integrity.segments import Segment
+from torch_integrity.segments import Segment, rank_view
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,14 @@ class ReplayCallback(Callback):
         self._undo: Any = None
         self._trainer: pl.Trainer | None = None
         self._expected: deque[tuple[dict[str, Any], int]] = deque()
-        for record in segment.steps:
-            data = record.body.get("data")
-            count = len(data) if isinstance(data, list) else 1
-            for micro in range(count):
-                self._expected.append((record.body, micro))
         self._current_step: dict[str, Any] | None = None
         self._losses: list[str | None] = []
         self._lrs: list[list[float | str]] = []
         self._last_global_step = segment.start_step
         self.fingerprint_key = 0
+        self.rank = 0
+        self.world_size = 1
+        self.environment: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
@@ -116,6 +114,12 @@ class ReplayCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        self._bodies = [rank_view(record.body, self.rank) for record in self.segment.steps]
+        for body in self._bodies:
+            data = body.get("data")
+            for micro in range(len(data) if isinstance(data, list) else 1):
+                self._expected.append((body, micro))
         io = glue.IntegrityCheckpointIO(trainer.strategy.checkpoint_io, self.run_dir, lambda entry, state: None)
         self._undo = glue.install(trainer, io, lambda loader: self._loaders.append(instrument_dataloader(loader, self)))
 
@@ -127,8 +131,7 @@ class ReplayCallback(Callback):
     def plan_iteration(self) -> IterationPlan:
         epoch = self._trainer.current_epoch if self._trainer is not None else 0
         batches = []
-        for record in self.segment.steps:
-            body = record.body
+        for body in self._bodies:
             if body.get("epoch") != epoch or body.get("indices") is None:
                 continue
             sizes = body.get("sizes") or [len(body["indices"])]
@@ -147,14 +150,19 @@ class ReplayCallback(Callback):
         return IterationPlan(epoch=epoch, skip=skip)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch_integrity.environment import describe_environment
+
+        self.environment = describe_environment()
         if self._resume is not None:
-            self._restore_rng = self._resume["rng"]
+            per_rank = self._resume.get("rng_per_rank")
+            self._restore_rng = per_rank[self.rank] if per_rank else self._resume["rng"]
             restore_global_rng(self._resume["rng"])  # as capture does: prefetched batches see it too
         if trainer.global_step != self.segment.start_step:
             self._diverge(trainer.global_step, "steps", self.segment.start_step, trainer.global_step)
 
     def _diverge(self, step: int, check: str, recorded: Any, reproduced: Any, **extra: Any) -> None:
         if self.divergence is None:
+            extra.setdefault("rank", self.rank)
             self.divergence = Divergence(step=step, check=check, recorded=recorded, reproduced=reproduced, **extra)
         if self._trainer is not None:
             self._trainer.should_stop = True
@@ -190,16 +198,24 @@ class ReplayCallback(Callback):
         body = self._current_step
         losses, lrs = self._losses, self._lrs
         self._losses, self._lrs = [], []
-        if self.divergence is not None or body is None:
-            return
-        if int(body["step"]) != step:
-            self._diverge(int(body["step"]), "steps", body["step"], step)
-            return
-        self._compare_step(body, losses, lrs, pl_module, batch_idx)
-        self.steps_checked += 1
+        if self.divergence is None and body is not None:
+            if int(body["step"]) != step:
+                self._diverge(int(body["step"]), "steps", body["step"], step)
+            else:
+                self._compare_step(body, losses, lrs, pl_module, batch_idx)
+                self.steps_checked += 1
         if step == self.segment.end_step and self.divergence is None:
             self._compare_end(trainer)
             self.reached_end = True
+            trainer.should_stop = True
+        if self.world_size > 1:
+            self._agree(trainer)
+
+    def _agree(self, trainer: pl.Trainer) -> None:
+        """All ranks adopt the earliest divergence any rank saw, so all stop together."""
+        seen = [d for d in glue.gather(trainer, self.divergence) if d is not None]
+        if seen:
+            self.divergence = min(seen, key=lambda d: (d.step, d.rank))
             trainer.should_stop = True
 
     def _compare_step(

@@ -175,10 +175,14 @@ class RunHistory:
 
     def load_model_state(self, entry: CheckpointEntry) -> dict[str, torch.Tensor]:
         """The model state dict at a checkpoint, verified file and tensor by tensor."""
-        state, _ = self.load_checkpoint(entry)
-        model = state.get("model")
-        if not isinstance(model, dict):
-            raise TamperedError(f"{entry.path}: checkpoint holds no model state")
+        state, metadata = self.load_checkpoint(entry)
+        recorded_run = metadata.get("torch_integrity.run_id")
+        if recorded_run not in (None, self.run_id):
+            raise TamperedError(f"{entry.path} belongs to run {recorded_run}, not {self.run_id}")
+        # capture stores Lightning's checkpoint dict ("state_dict"); plain stores use "model"
+        model = state.get("state_dict", state.get("model"))
+        if not isinstance(model, dict) or not all(isinstance(t, torch.Tensor) for t in model.values()):
+            raise TamperedError(f"{entry.path}: checkpoint holds no model state dict")
         computed = digest_state_dict(model)
         if computed.root != entry.model.root:
             raise DigestMismatchError(

@@ -44,6 +44,16 @@ class Segment:
         return self.end.step
 
 
+def rank_view(body: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A step record as one rank saw it (distributed runs record per-rank batches)."""
+    ranks = body.get("ranks")
+    if not isinstance(ranks, list):
+        return body
+    if not 0 <= rank < len(ranks):
+        raise TamperedError(f"step {body.get('step')} records {len(ranks)} ranks; rank {rank} is not among them")
+    return {**body, **ranks[rank]}
+
+
 def plan_segments(history: RunHistory) -> tuple[list[Segment], list[str]]:
     """All segments of a run, and notes about records that belong to none."""
     segments: list[Segment] = []

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torch_integrity.canonical import canonical_json, strict_loads
-from torch_integrity.digest import digest_state_dict
 from torch_integrity.dsse import (
     Envelope,
     EnvelopeSignature,
@@ -38,7 +37,6 @@ from torch_integrity.dsse import (
 )
 from torch_integrity.errors import (
     ApprovalError,
-    DigestMismatchError,
     MalformedFileError,
     MissingFileError,
     TamperedError,
@@ -102,20 +100,7 @@ def verified_model_state(history: RunHistory, entry: CheckpointEntry) -> dict[st
         DigestMismatchError: the file or the weights differ from the ledger.
         TamperedError: the checkpoint holds no model state or belongs to another run.
     """
-    state, metadata = history.load_checkpoint(entry)
-    recorded_run = metadata.get("torch_integrity.run_id")
-    if recorded_run not in (None, history.run_id):
-        raise TamperedError(f"{entry.path} belongs to run {recorded_run}, not {history.run_id}")
-    model = state.get("state_dict", state.get("model"))
-    if not isinstance(model, dict) or not all(isinstance(t, torch.Tensor) for t in model.values()):
-        raise TamperedError(f"{entry.path}: checkpoint holds no model state dict")
-    computed = digest_state_dict(model)
-    if computed.root != entry.model.root:
-        raise DigestMismatchError(
-            f"model weights in {entry.path}", entry.model.root, computed.root,
-            differing=tuple(computed.differing(entry.model)),
-        )
-    return model
+    return history.load_model_state(entry)
 
 
 def safe_key_name(key_id: str) -> str:
