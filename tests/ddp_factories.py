@@ -20,7 +20,6 @@ class PoisonedDataset(NoisyDataset):
 
 class PoisonedDataModule(DemoDataModule):
     def train_dataloader(self) -> Any:
-        loader = super().train_dataloader()
         h: Any = self.hparams
         poisoned = PoisonedDataset(h.size, h.features, poison=int(os.environ["TI_POISON_INDEX"]))
         return torch.utils.data.DataLoader(poisoned, batch_size=h.batch_size, shuffle=h.shuffle, num_workers=h.num_workers,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning.pytorch as pl  # noqa: E402
+import lightning.pytorch as pl
 
-from torch_integrity import IntegrityCallback  # noqa: E402
-from torch_integrity.demo import DemoDataModule, DemoModule  # noqa: E402
+from torch_integrity import IntegrityCallback
+from torch_integrity.demo import DemoDataModule, DemoModule
 
 
 def main() -> None:
