@@ -60,20 +60,31 @@ def _row_sums(words: torch.Tensor) -> torch.Tensor | np.ndarray:
     return sums_t
 
 
-def tensor_sums(tensor: torch.Tensor) -> tuple[int, int]:
-    """``(s0, s1)`` of one tensor as Python ints in ``[-2**63, 2**63)``."""
+def _device_sums(tensor: torch.Tensor) -> tuple[int, int] | torch.Tensor:
+    """``(s0, s1)``: Python ints for CPU tensors, an int64 device tensor ``[s0, s1]`` otherwise."""
     rows = _row_sums(_words(tensor))
     if isinstance(rows, np.ndarray):
         positions = np.arange(rows.shape[0], dtype=np.int64)
         with np.errstate(over="ignore"):
             return int(rows.sum(dtype=np.int64)), int((rows * positions).sum(dtype=np.int64))
     positions_t = torch.arange(rows.shape[0], dtype=torch.int64, device=rows.device)
-    pair = torch.stack([rows.sum(), (rows * positions_t).sum()]).cpu().tolist()
-    return int(pair[0]), int(pair[1])
+    return torch.stack([rows.sum(), (rows * positions_t).sum()])
+
+
+def tensor_sums(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(s0, s1)`` of one tensor as Python ints in ``[-2**63, 2**63)``."""
+    sums = _device_sums(tensor)
+    if isinstance(sums, torch.Tensor):
+        first, second = sums.cpu().tolist()
+        return int(first), int(second)
+    return sums
 
 
 def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], *, key: int) -> str:
     """Fingerprint named tensors; returns 16 hex digits.
+
+    Device tensors' sums stay on their device until one copy per device at the end (a
+    single host synchronisation per record).
 
     Args:
         named: ``(name, tensor)`` pairs, on any devices.
@@ -86,9 +97,21 @@ def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], *, key: int) 
         (True, False)
     """
     items = sorted(named, key=lambda item: item[0])
+    sums = [_device_sums(tensor) for _, tensor in items]
+    on_device: dict[torch.device, list[int]] = {}
+    for position, value in enumerate(sums):
+        if isinstance(value, torch.Tensor):
+            on_device.setdefault(value.device, []).append(position)
+    resolved: list[tuple[int, int]] = [(0, 0)] * len(items)
+    for positions in on_device.values():
+        host = torch.stack([sums[p] for p in positions]).cpu().tolist()  # type: ignore[misc]  # one sync per device
+        for p, (first, second) in zip(positions, host, strict=True):
+            resolved[p] = (int(first), int(second))
+    for p, value in enumerate(sums):
+        if not isinstance(value, torch.Tensor):
+            resolved[p] = value
     hasher = xxhash.xxh3_64(seed=key & 0xFFFFFFFFFFFFFFFF)
-    for name, tensor in items:
-        s0, s1 = tensor_sums(tensor)
+    for (name, _), (s0, s1) in zip(items, resolved, strict=True):
         encoded = name.encode("utf-8")
         hasher.update(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<qq", s0, s1))
     return hasher.hexdigest()
