@@ -81,3 +81,12 @@ def test_poisoned_sample_seen_by_rank_one_is_named(ddp_run: Path, monkeypatch: p
     assert result.divergence is not None
     assert (result.divergence["check"], result.divergence["step"], result.divergence["rank"]) == ("data", 4, 1)
     json.dumps(report.to_json())
+
+
+def test_data_usage_reads_every_rank(ddp_run: Path) -> None:
+    from torch_integrity.lineage import data_usage
+
+    steps = [r.body for r in open_run(ddp_run).iter_steps()]
+    index = steps[2]["ranks"][1]["indices"][0]
+    expected = [b["step"] for b in steps if any(index in part["indices"] for part in b["ranks"])]
+    assert data_usage(ddp_run, index) == expected and 3 in expected
