@@ -64,10 +64,6 @@ def quiet() -> None:
     """Silence Lightning's advisory warnings in this process."""
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    import logging
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def make_trainer(
@@ -132,7 +128,7 @@ def assert_all_reproduced(report: ReplayReport, segments: int | None = None) -> 
     detail = [(s.index, s.start_step, s.end_step, s.verdict.value, s.reason) for s in report.segments]
     assert report.segments, "nothing was replayed"
     assert all(s.verdict is Verdict.REPRODUCED for s in report.segments), detail
-    assert all(s.steps_checked == s.end_step - s.start_step or s.steps_checked > 0 for s in report.segments), detail
+    assert all(s.steps_checked > 0 for s in report.segments), detail
     assert report.ok
     if segments is not None:
         assert report.total_segments == segments, detail

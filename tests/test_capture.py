@@ -31,6 +31,11 @@ from torch_integrity.ledger import LEDGER_FILE
 from torch_integrity.replay import Verdict, replay
 from torch_integrity.rundir import open_run
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning.*"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+]
+
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:

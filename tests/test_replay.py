@@ -63,7 +63,7 @@ def test_parallel_replay_gives_the_same_verdicts(mixed_run: Path) -> None:
     serial = replay(mixed_run, workers=1)
     parallel = replay(mixed_run, workers=2)
     assert _summary(parallel.segments) == _summary(serial.segments)
-    assert parallel.ok == serial.ok is False
+    assert parallel.ok is serial.ok is False
     # the run really has both verdicts, so the comparison above means something
     assert [s.verdict for s in serial.segments] == [Verdict.REPRODUCED, Verdict.DIVERGED, Verdict.DIVERGED]
 

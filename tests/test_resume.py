@@ -18,6 +18,7 @@ import torch
 
 from tests.lightning_models import (
     SMALL,
+    StreamDataModule,
     assert_all_reproduced,
     capture,
     flatten_tensors,
@@ -131,6 +132,23 @@ def test_resume_at_an_epoch_boundary(tmp_path: Path) -> None:
     capture(run_dir, DemoModule, make_data, seed=5, max_epochs=2, every=6,
             ckpt_path=run_dir / "checkpoints" / "step-000000006.safetensors")
     assert open_run(run_dir).checkpoint_at(12).model.root == open_run(reference).checkpoint_at(12).model.root
+    expected, got = _checkpoint_tensors(reference, 12), _checkpoint_tensors(run_dir, 12)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_iterable_dataset_resume_at_an_epoch_boundary(tmp_path: Path) -> None:
+    """An IterableDataset draws its augmentation from the global RNG while Lightning prefetches:
+    the resumed run must hand the prefetch the checkpointed RNG stream, as the run did."""
+    reference = tmp_path / "uninterrupted"
+    capture(reference, DemoModule, StreamDataModule, max_epochs=2, every=6)
+    run_dir = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        capture(run_dir, DemoModule, StreamDataModule, max_epochs=2, every=6, extra_callbacks=[CrashAt(8)])
+    capture(run_dir, DemoModule, StreamDataModule, seed=5, max_epochs=2, every=6,
+            ckpt_path=run_dir / "checkpoints" / "step-000000006.safetensors")
+    keys = ("step", "data", "loss")
+    assert [{k: b[k] for k in keys} for b in step_bodies(run_dir)][8:] == [
+        {k: b[k] for k in keys} for b in step_bodies(reference)][6:]
     expected, got = _checkpoint_tensors(reference, 12), _checkpoint_tensors(run_dir, 12)
     assert all(torch.equal(got[n], expected[n]) for n in expected)
 
