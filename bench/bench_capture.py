@@ -20,52 +20,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.demos import Transformer, WikiText2  # noqa: F401
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from bench._report import machine_line, publish, table
+from bench.bench_models import LanguageModel, Tokens
 from torch_integrity import IntegrityCallback
 
 
-class Tokens(Dataset):
-    """Synthetic token sequences (no download)."""
+class StepClock(pl.Callback):
+    """Wall time between the end of warm-up step ``skip`` and the end of the last step."""
 
-    def __init__(self, vocab: int, length: int = 35, count: int = 4096) -> None:
-        self.data = torch.randint(0, vocab, (count, length + 1), generator=torch.Generator().manual_seed(0))
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.marks: list[float] = []
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = self.data[index]
-        return row[:-1], row[1:]
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step >= self.skip:
+            self.marks.append(time.perf_counter())
 
 
-class LanguageModel(pl.LightningModule):
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.model = Transformer(vocab_size=vocab)
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        x, y = batch
-        out = self.model(x, y)
-        return torch.nn.functional.nll_loss(out, y.view(-1))
-
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def run(steps: int, callback: IntegrityCallback | None, vocab: int) -> float:
+def run(steps: int, callback: IntegrityCallback | None, vocab: int, skip: int = 3) -> float:
+    """Steady-state steps per second (Trainer start-up and the first steps excluded)."""
     pl.seed_everything(0, verbose=False)
     model = LanguageModel(vocab)
     loader = DataLoader(Tokens(vocab), batch_size=20, shuffle=True)
+    clock = StepClock(skip)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                         callbacks=[callback] if callback else [])
-    start = time.perf_counter()
+                         callbacks=[*([callback] if callback else []), clock])
     trainer.fit(model, loader)
-    return steps / (time.perf_counter() - start)
+    return (len(clock.marks) - 1) / (clock.marks[-1] - clock.marks[0])
 
 
 def main() -> None:
@@ -79,6 +63,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    load_before = " / ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
     base, ours, ours_fp = [], [], []
     for _ in range(args.repeats):
         base.append(run(args.steps, None, args.vocab))
@@ -121,9 +106,11 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     body = (
         f"Command: `python bench/bench_capture.py --steps {args.steps} --repeats {args.repeats}`  \n"
-        f"Machine: {machine_line()}  \nModel: Lightning demo Transformer ({params / 1e6:.1f}M parameters), "
+        f"Machine: {machine_line()}; load average before the run {load_before}  \n"
+        f"Model: Lightning demo Transformer ({params / 1e6:.1f}M parameters), "
         f"batch 20 x 35 synthetic tokens, SGD, CPU; median of {args.repeats} interleaved runs of {args.steps} steps "
-        "(including Trainer start-up, the step-0 checkpoint and the final checkpoint).\n\n"
+        "(steady state: from the end of step 3 to the end of the last step; Trainer start-up and the step-0 checkpoint "
+        "are outside the window, checkpoints are costed separately below).\n\n"
         + table(["configuration", "steps/s", "ratio", "overhead"], rows)
         + "\n\nCost of each part, measured separately (ms):\n\n" + table(["part", "ms"], parts) + "\n"
     )

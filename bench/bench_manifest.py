@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def main() -> None:
         return
 
     small, large = (20_000, 100_000) if args.quick else (100_000, 1_000_000)
+    load_before, started_all = os.getloadavg()[0], time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-manifest-"))
     raw: dict[str, dict[str, dict[str, float]]] = {}
     for mode in ("generate", "write", "build"):
@@ -146,8 +148,12 @@ def main() -> None:
     raw["proofs"] = {"load_s": load_seconds, "prove_1_s": prove_one, "prove_100_s": prove_hundred,
                      "verify_s": verify_seconds, "file_bytes": path.stat().st_size, "path_nodes": len(one.path)}
 
+    minutes = (time.perf_counter() - started_all) / 60
+    raw["run"] = {"load_before": load_before, "load_after": os.getloadavg()[0], "minutes": minutes}
     body = "\n\n".join([
-        f"Command: `python bench/bench_manifest.py{' --quick' if args.quick else ''}`. Machine: {machine_line()}.",
+        f"Command: `python bench/bench_manifest.py{' --quick' if args.quick else ''}`. Machine: {machine_line()}; "
+        f"1-minute load average {load_before:.1f} before and {raw['run']['load_after']:.1f} after "
+        f"({raw['run']['minutes']:.0f} minutes in all; the machine is shared, so times vary by tens of percent).",
         "Synthetic map-style dataset: sample `i` = (uint8 tensor 3x32x32 computed from `i`, `i % 10`); "
         "MB/s counts the 3,072 pixel bytes of each sample. Each row is a fresh process. "
         "*Peak RSS growth* is the rise of the process's peak RSS during the build over its RSS just before; "

@@ -29,3 +29,8 @@ class PoisonedDataModule(DemoDataModule):
 def poisoned() -> tuple[Any, Any]:
     """The run's model with data whose sample TI_POISON_INDEX was altered."""
     return DemoModule(), PoisonedDataModule(size=64, num_workers=1, persistent_workers=True)
+
+
+def poisoned_single_process() -> tuple[Any, Any]:
+    """As :func:`poisoned`, for the single-process runs of the manifest tests."""
+    return DemoModule(), PoisonedDataModule(size=48)

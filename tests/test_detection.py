@@ -208,6 +208,9 @@ def test_lr_from_configure_optimizers_comes_from_the_verified_checkpoint(base_ru
     report = replay(base_run, factory=f"{MODELS}:changed_lr_factory")
     assert all(s.verdict is Verdict.REPRODUCED for s in report.segments), _divergences(report)
     assert {b["lr"][0][0] for b in step_bodies(base_run)} == {0.01}
+    # ... and the report says the factory did not build what the run recorded
+    assert all(any("hyperparameters lr" in note for note in s.factory_differences) for s in report.segments)
+    assert "factory's objects differ" in report.segments[0].reason
 
 
 def test_changed_loss_hyperparameter_diverges_at_the_first_step(tmp_path: Path) -> None:

@@ -37,6 +37,20 @@ _EXPORTS = {
     "check_weights": "torch_integrity.audit",
     # deployment controls
     "WeightGuard": "torch_integrity.guard",
+    "seal_run": "torch_integrity.signing",
+    "check_seals": "torch_integrity.signing",
+    "approve": "torch_integrity.approvals",
+    "check_approvals": "torch_integrity.approvals",
+    "attest": "torch_integrity.attest",
+    "verify_attestation": "torch_integrity.attest",
+    # training-data provenance
+    "digest_sample": "torch_integrity.sample_digest",
+    "build_manifest": "torch_integrity.manifest",
+    "write_manifest": "torch_integrity.manifest",
+    "load_manifest": "torch_integrity.manifest",
+    "prove_inclusion": "torch_integrity.proofs",
+    "verify_inclusion": "torch_integrity.proofs",
+    "data_usage": "torch_integrity.lineage",
     # errors
     "IntegrityError": "torch_integrity.errors",
     "VerificationFailure": "torch_integrity.errors",

@@ -337,7 +337,8 @@ class IntegrityCallback(Callback):
             return None
         from torch_integrity import manifest
 
-        return manifest.manifest_reference(manifest.load_manifest(self.data_manifest))
+        reference = manifest.manifest_reference(manifest.load_manifest(self.data_manifest))
+        return {**reference, "path": str(self.data_manifest.resolve())}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active and trainer.global_step != self._last_checkpoint_step:

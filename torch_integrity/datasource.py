@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from torch_integrity.errors import UnsafePathError, UsageError
+from torch_integrity.rng import derive_seed, forked_rng
 from torch_integrity.sample_digest import digest_file_sample, digest_sample_bytes
 
 
@@ -96,6 +97,18 @@ def is_folder_source(source: Any) -> bool:
     return isinstance(source, str | os.PathLike)
 
 
+def fetch_for_manifest(dataset: Any, index: int) -> Any:
+    """``dataset[index]`` as a manifest hashes it: under an RNG seeded from the index alone.
+
+    A dataset whose ``__getitem__`` draws random augmentation then gives the same sample
+    every time it is hashed, here and when a replay checks the samples it feeds.
+    """
+    if type(dataset) in (range, list, tuple):  # plain containers run no code of their own
+        return dataset[index]
+    with forked_rng(derive_seed("torch-integrity:manifest-fetch", index)):
+        return dataset[index]
+
+
 def iter_sample_digests(source: Any, *, progress: bool | None = None) -> Iterator[tuple[bytes, str | None]]:
     """Yield ``(raw digest, relative path or None)`` for every sample of a dataset or folder."""
     if is_folder_source(source):
@@ -117,7 +130,7 @@ def iter_sample_digests(source: Any, *, progress: bool | None = None) -> Iterato
     total = len(source)
     bar = _Progress(progress, total, "hashing samples")
     for index in range(total):
-        yield digest_sample_bytes(source[index]), None
+        yield digest_sample_bytes(fetch_for_manifest(source, index)), None
         if not index & 1023:
             bar.update(index, 0)
     bar.close(total, 0)

@@ -40,6 +40,7 @@ LEDGER_FILE = "ledger.jsonl"
 MAX_LINE_BYTES = 64 << 20
 GENESIS = bytes(32)
 _DOMAIN = b"torch-integrity:ledger:v1\x00"
+_DOMAIN_HASHER = hashlib.sha256(_DOMAIN)
 _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"}\n\Z')
 _SEQ_TAIL = re.compile(rb',"kind":"([a-z_]{1,64})","seq":(0|[1-9][0-9]{0,17})\Z')
 _HASH_SUFFIX_BYTES = len(b',"hash":""}\n') + 64  # the one length a line's hash field has
@@ -101,7 +102,10 @@ class LedgerHead:
 
 def record_hash(prev: bytes, payload: bytes) -> bytes:
     """Chain hash of one record's payload given the previous hash."""
-    return hashlib.sha256(_DOMAIN + prev + payload).digest()
+    hasher = _DOMAIN_HASHER.copy()  # cheaper than hashing the domain tag again for every record
+    hasher.update(prev)
+    hasher.update(payload)
+    return hasher.digest()
 
 
 def encode_record(seq: int, kind: str, body: dict[str, Any], prev: bytes) -> tuple[bytes, bytes]:
@@ -124,8 +128,8 @@ def _lines(handle: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
         yield number, line
 
 
-def _check_line(path: Path, number: int, line: bytes, prev: bytes, expect_seq: int) -> tuple[bytes, str, bytes]:
-    """Verify one line against the chain; return ``(hash, kind, payload)``."""
+def _check_line(path: Path, number: int, line: bytes, prev: bytes, expect_seq: int) -> tuple[bytes, bytes, bytes]:
+    """Verify one line against the chain; return ``(hash, kind as ASCII bytes, payload)``."""
     if not line.endswith(b"\n"):
         raise TruncatedError(f"{_where(path, expect_seq, number)}: ends without a newline; the ledger was cut mid-record")
     # This runs once per record, so it is kept lean: the hash field has a fixed length and
@@ -151,7 +155,7 @@ def _check_line(path: Path, number: int, line: bytes, prev: bytes, expect_seq: i
             f"{_where(path, expect_seq, number)}: content does not match the chain; expected hash {computed.hex()}, "
             f"record says {stored.decode('ascii', 'replace')} (this record or the one before it was altered)"
         )
-    return computed, tail.group(1).decode(), payload
+    return computed, tail.group(1), payload
 
 
 def _where(path: Path, seq: int, number: int) -> str:
@@ -178,7 +182,7 @@ def read_records(path: Path) -> Iterator[Record]:
                 canonical = None
             if canonical != payload:
                 raise TamperedError(f"{path} record {number - 1}: payload is not canonical JSON")
-            yield Record(number - 1, kind, prev.hex(), decoded["body"], digest.hex())
+            yield Record(number - 1, kind.decode(), prev.hex(), decoded["body"], digest.hex())
             prev = digest
 
 

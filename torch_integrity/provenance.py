@@ -10,7 +10,7 @@
 
 Example:
     >>> Provenance(source_url="https://example.org/cifar", license="MIT").to_json()
-    {'license': 'MIT', 'source_url': 'https://example.org/cifar'}
+    {'source_url': 'https://example.org/cifar', 'license': 'MIT'}
 """
 
 from __future__ import annotations

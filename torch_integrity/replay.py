@@ -5,7 +5,8 @@ checkpoint), and replays each one through a real Lightning ``Trainer`` with the
 recorded settings: it checks the start checkpoint and the model-code digest before
 anything runs, restores the checkpoint, feeds exactly the recorded batches, and compares
 each step and the end checkpoint. Segments are independent and can run in parallel
-processes (``workers``).
+processes (``workers``) or as tasks on a Ray cluster (``executor="ray"``; see
+:mod:`torch_integrity.executors` and ``docs/scaling.md``).
 
 Verdicts per segment: ``reproduced`` (bit for bit), ``within-tolerance`` (only with a
 tolerance; never called bit-exact), ``diverged`` (with the first divergence).
@@ -21,7 +22,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class SegmentResult:
     environment_differences: list[str] = field(default_factory=list)
     code_changed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    factory_differences: list[str] = field(default_factory=list)
+    steps_per_second: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -251,7 +253,9 @@ def replay_segment(
     settings = run_start.get("trainer", {})
     # the start checkpoint's file and digests are verified by the checkpoint IO before use
     history.load_checkpoint(segment.start)
-    callback = ReplayCallback(root, segment, tolerance=tolerance)
+    history.load_checkpoint(segment.end)
+    factory_notes = factory_differences(run_start, model, data) if factory is not None else []
+    callback = ReplayCallback(root, segment, tolerance=tolerance, manifest=_bound_manifest(run_start))
     seed = run_start.get("global_seed")
     import logging
 
@@ -276,7 +280,61 @@ def replay_segment(
         finally:
             for logger, level in zip(quiet, levels, strict=True):
                 logger.setLevel(level)
-    return _result(segment, callback, differences, changed, tolerance, time.perf_counter() - began)
+    result = _result(segment, callback, differences, changed, tolerance, time.perf_counter() - began)
+    from torch_integrity.replay_callback import steady_steps_per_second
+
+    result.steps_per_second = steady_steps_per_second(callback.step_times)
+    if factory_notes:
+        result.factory_differences = factory_notes
+        result.reason += "; the factory's objects differ from the recorded ones: " + "; ".join(factory_notes)
+    return result
+
+
+def _bound_manifest(run_start: dict[str, Any]) -> Any:
+    """The dataset manifest the run was bound to, verified against the recorded reference."""
+    reference = run_start.get("data_manifest")
+    if not reference:
+        return None
+    from torch_integrity.manifest import load_manifest
+
+    path = reference.get("path")
+    if not path or not Path(path).is_file():
+        raise ReplayEnvironmentError(
+            f"the run is bound to a dataset manifest (root {reference.get('root')}) recorded at {path!r}, "
+            "which is not there; put the manifest back at that path to replay"
+        )
+    return load_manifest(path, expected={k: v for k, v in reference.items() if k != "path"})
+
+
+def factory_differences(run_start: dict[str, Any], model: Any, data: Any) -> list[str]:
+    """How the objects a ``--factory`` built differ from what the run recorded.
+
+    A replay restores weights, optimizer state and learning rates from the verified
+    checkpoint, so such differences need not change a verdict; they are reported so a
+    verifier sees that the replay did not use the recorded construction.
+    """
+    from lightning.pytorch import LightningDataModule
+
+    from torch_integrity.environment import import_path
+    from torch_integrity.lightning_glue import json_safe
+
+    notes = []
+    recorded_module = run_start.get("module")
+    if recorded_module and import_path(model) != recorded_module:
+        notes.append(f"module class: recorded {recorded_module}, factory built {import_path(model)}")
+    pairs = [("hyperparameters", run_start.get("hyperparameters"), getattr(model, "hparams", {}))]
+    if isinstance(data, LightningDataModule):
+        recorded_dm = run_start.get("datamodule")
+        if recorded_dm and import_path(data) != recorded_dm:
+            notes.append(f"datamodule class: recorded {recorded_dm}, factory built {import_path(data)}")
+        pairs.append(("datamodule hyperparameters", run_start.get("datamodule_hyperparameters"), data.hparams))
+    for what, recorded, current in pairs:
+        recorded = recorded or {}
+        current = json_safe(dict(current))
+        for key in sorted(set(recorded) | set(current)):
+            if recorded.get(key) != current.get(key):
+                notes.append(f"{what} {key}: recorded {recorded.get(key)!r}, factory {current.get(key)!r}")
+    return notes
 
 
 DDP_CHILD_ENV = "TORCH_INTEGRITY_DDP_REPLAY"
@@ -357,6 +415,11 @@ def replay(
     tolerance: float | None = None,
     allow_code_change: bool = False,
     progress: Callable[[SegmentResult, int, int], None] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_runtime_env: dict[str, Any] | None = None,
+    ray_connect_timeout: float | None = None,
+    ray_gpus_per_task: float | None = None,
 ) -> ReplayReport:
     """Replay segments of a recorded run and report per segment.
 
@@ -365,13 +428,23 @@ def replay(
         segments: segment indices to replay (default: all).
         from_step, to_step: replay the segments overlapping this step range.
         sample, seed: replay ``sample`` segments chosen with the verifier's ``seed``.
-        workers: parallel processes (segments are independent).
+        workers: parallel processes on this machine (``local`` executor; segments are
+            independent).
         factory: ``MODULE:FUNCTION`` returning ``(model, data)`` for code that cannot be
             rebuilt from the recorded import paths and hyperparameters.
         tolerance: compare end weights by relative L2 distance instead of bits (for
             other hardware); such a verdict never claims bit-exactness.
         allow_code_change: replay even though the model code changed (reported).
-        progress: called after each segment with ``(result, done, total)``.
+        progress: called as each segment finishes with ``(result, done, total)``; the
+            report lists the segments in order whatever order they finished in.
+        executor: ``local`` (this machine, ``workers`` processes) or ``ray`` (one Ray task
+            per segment on an existing cluster; see ``docs/scaling.md``).
+        ray_address: the Ray cluster's ``HOST:PORT`` (default: ``RAY_ADDRESS``).
+        ray_runtime_env: Ray ``runtime_env`` for the tasks (``working_dir``, ``py_modules``,
+            ``env_vars``...); a ``PYTHONPATH`` holding this process's import path is added.
+        ray_connect_timeout: seconds allowed to reach and join the cluster (default 30).
+        ray_gpus_per_task: GPUs each Ray task asks for (default: 1 per recorded process
+            for runs recorded on CUDA, else 0).
 
     Returns:
         The :class:`ReplayReport`; check ``report.ok``.
@@ -381,10 +454,13 @@ def replay(
         >>> [s.verdict.value for s in report.segments]  # doctest: +SKIP
         ['reproduced', 'reproduced']
     """
+    from torch_integrity.executors import RayExecutor, make_executor
     from torch_integrity.rundir import open_run
 
     if workers < 1:
         raise UsageError("--workers must be at least 1")
+    runner = make_executor(executor, workers=workers, ray_address=ray_address, ray_runtime_env=ray_runtime_env,
+                           ray_connect_timeout=ray_connect_timeout, ray_gpus_per_task=ray_gpus_per_task)
     if tolerance is not None and not tolerance >= 0:
         raise UsageError("--tolerance must be a non-negative number")
     root = Path(run_dir)
@@ -404,30 +480,21 @@ def replay(
             f"sampled {len(chosen)} of {len(planned)} segments with seed {seed}: a run with exactly one tampered "
             f"segment passes this check with probability {1 - probability:.3f}"
         )
-    jobs = [(str(root), s.index, factory, tolerance, allow_code_change) for s in chosen]
+    # absolute: Ray workers do not share this process's working directory
+    jobs = [(str(root.resolve()), s.index, factory, tolerance, allow_code_change) for s in chosen]
+    if isinstance(runner, RayExecutor) and ray_gpus_per_task is None:
+        runner.num_gpus = _gpus_per_segment(chosen)
     results: list[SegmentResult] = []
-    if workers == 1 or len(jobs) == 1:
-        for job in jobs:
-            results.append(_replay_one(job))
+    with runner:
+        for _, result in runner.map_as_completed(_replay_one, jobs):
+            results.append(result)
             if progress:
-                progress(results[-1], len(results), len(jobs))
-    else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context, initializer=_worker_init,
-                                 initargs=(list(sys.path),)) as pool:
-            for result in pool.map(_replay_one, jobs):
-                results.append(result)
-                if progress:
-                    progress(result, len(results), len(jobs))
+                progress(result, len(results), len(jobs))
+    results.sort(key=lambda r: r.index)
     return ReplayReport(str(root), history.run_id, len(planned), results, notes, probability)
 
 
-def _worker_init(paths: list[str]) -> None:
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    import torch
-
-    torch.set_num_threads(1)
+def _gpus_per_segment(chosen: list[Segment]) -> int:
+    """GPUs a segment's replay uses: one per recorded process for runs recorded on CUDA."""
+    trainers = [s.run_start.get("trainer") or {} for s in chosen]
+    return max((int(t.get("world_size") or 1) if t.get("accelerator") == "CUDAAccelerator" else 0 for t in trainers), default=0)

@@ -11,6 +11,7 @@ and training is stopped.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +74,22 @@ def _loss_value(bits: str | None) -> float | None:
     return float(torch.frombuffer(bytearray(raw), dtype=torch_dtype)[0].item())
 
 
+def steady_steps_per_second(times: list[float]) -> float | None:
+    """Steps per second between the first and the last step end (None below two steps)."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
 class ReplayCallback(Callback):
     """Replays one segment; see the module docstring."""
 
-    def __init__(self, run_dir: Path, segment: Segment, *, tolerance: float | None = None) -> None:
+    def __init__(self, run_dir: Path, segment: Segment, *, tolerance: float | None = None, manifest: Any = None) -> None:
         self.run_dir = run_dir
         self.segment = segment
         self.tolerance = tolerance
         self.run_seed = int(segment.run_start.get("seed", 0))
+        self.manifest = manifest  # a verified dataset manifest the samples must match
         self.divergence: Divergence | None = None
         self.steps_checked = 0
         self.reached_end = False
@@ -99,6 +108,7 @@ class ReplayCallback(Callback):
         self.rank = 0
         self.world_size = 1
         self.environment: dict[str, Any] | None = None
+        self.step_times: list[float] = []  # perf_counter at the end of each replayed step
 
     @property
     def state_key(self) -> str:
@@ -179,9 +189,31 @@ class ReplayCallback(Callback):
         body, micro = self._expected.popleft()
         self._current_step = body
         recorded = body["data"][micro] if isinstance(body.get("data"), list) else body.get("data")
+        if self.manifest is not None:
+            self._check_manifest(body, micro, batch_idx, trainer.current_epoch)
         reproduced = digest_batch(batch).hex
         if recorded != reproduced:
             self._diverge(int(body["step"]), "data", recorded, reproduced, batch_idx=batch_idx, epoch=trainer.current_epoch)
+
+    def _check_manifest(self, body: dict[str, Any], micro: int, batch_idx: int, epoch: int) -> None:
+        """Every sample fed must match its digest in the run's dataset manifest."""
+        from torch_integrity.datasource import fetch_for_manifest
+        from torch_integrity.sample_digest import digest_sample
+
+        indices = body.get("indices")
+        if indices is None or not self._loaders or self._loaders[0].sampler is None:
+            return
+        sizes = body.get("sizes") or [len(indices)]
+        start = sum(sizes[:micro])
+        dataset = self._loaders[0].loader.dataset.dataset  # the user's dataset inside our seeded wrapper
+        bad = []
+        for index in indices[start : start + sizes[micro]]:
+            known = isinstance(index, int) and 0 <= index < self.manifest.count
+            if not known or digest_sample(fetch_for_manifest(dataset, index)) != self.manifest.sample_digest(index):
+                bad.append(index)
+        if bad:
+            self._diverge(int(body["step"]), "manifest", "samples as committed in the dataset manifest",
+                          f"samples {bad[:10]} differ from their manifest digests", batch_idx=batch_idx, epoch=epoch)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._lrs.append(glue.optimizer_lrs(optimizer))
@@ -195,6 +227,7 @@ class ReplayCallback(Callback):
         if step == self._last_global_step:
             return
         self._last_global_step = step
+        self.step_times.append(time.perf_counter())
         body = self._current_step
         losses, lrs = self._losses, self._lrs
         self._losses, self._lrs = [], []

@@ -119,6 +119,7 @@ def _progress(result: Any, done: int, total: int) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from torch_integrity.executors import parse_runtime_env
     from torch_integrity.replay import Verdict, replay
 
     report = replay(
@@ -133,6 +134,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         allow_code_change=args.allow_code_change,
         progress=_progress,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        ray_runtime_env=parse_runtime_env(args.ray_runtime_env),
+        ray_connect_timeout=args.ray_connect_timeout,
+        ray_gpus_per_task=args.ray_gpus_per_task,
     )
     print(f"run {report.run_id}: replayed {len(report.segments)} of {report.total_segments} segments")
     print(f"{'segment':>7}  {'steps':>15}  {'verdict':<17} detail")
@@ -206,6 +212,18 @@ def register(commands: Any) -> None:
     p.add_argument("--sample", type=int, metavar="K", help="replay K segments chosen at random (needs --seed)")
     p.add_argument("--seed", type=int, metavar="S", help="the verifier's own seed for --sample")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel replay processes (default 1)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where segments run: local (this machine, --workers processes; default) or ray (one task per "
+                   "segment on a running Ray cluster; pip install 'torch-integrity[ray]'; see docs/scaling.md)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="the Ray cluster's head (GCS) address, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS)")
+    p.add_argument("--ray-runtime-env", metavar="JSON",
+                   help="Ray runtime_env for the tasks as a JSON object or a JSON file, e.g. '{\"working_dir\": \".\"}' "
+                   "(a PYTHONPATH with this process's import path is added)")
+    p.add_argument("--ray-connect-timeout", type=float, metavar="SECONDS",
+                   help="give up joining the Ray cluster after this long (default 30)")
+    p.add_argument("--ray-gpus-per-task", type=float, metavar="N",
+                   help="GPUs each Ray task asks for (default: 1 per recorded process for runs recorded on CUDA, else 0)")
     p.add_argument("--factory", metavar="MODULE:FUNCTION",
                    help="function with no arguments returning (model, data) when the recorded import paths "
                    "and hyperparameters cannot rebuild them")
