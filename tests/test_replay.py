@@ -134,3 +134,24 @@ def test_replay_needs_a_complete_segment(tmp_path: Path) -> None:
         capture(run_dir, DemoModule, partial(DemoDataModule, **SMALL), extra_callbacks=[_StopAt2()])
     with pytest.raises(UsageError, match="no complete segment"):
         replay(run_dir)
+
+
+def test_a_job_refuses_a_ledger_copy_that_does_not_extend_the_verified_head(tmp_path: Path) -> None:
+    """Replay jobs on other nodes read their own copy of the run; it must extend the head
+    the driver verified, so a shortened or rewritten copy is refused, not trusted."""
+    import shutil
+
+    from torch_integrity.errors import TruncatedError
+    from torch_integrity.replay import _replay_one
+    from torch_integrity.rundir import open_run
+
+    original = tmp_path / "run"
+    capture(original, DemoModule, partial(DemoDataModule, **SMALL), every=4, max_epochs=1)
+    head = open_run(original).head.to_json()
+    copy = tmp_path / "node-copy"
+    shutil.copytree(original, copy)
+    ledger = copy / "ledger.jsonl"
+    ledger.write_bytes(b"".join(ledger.read_bytes().splitlines(keepends=True)[:-1]))  # drop run_end: still a valid chain
+    with pytest.raises(TruncatedError):
+        _replay_one((str(copy), 0, None, None, False, head))
+    assert _replay_one((str(original), 0, None, None, False, head)).verdict is Verdict.REPRODUCED

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from torch_integrity.errors import ReplayEnvironmentError, UsageError, VerificationFailure
+from torch_integrity.ledger import LedgerHead
 from torch_integrity.segments import Segment, plan_segments, select_segments
 
 
@@ -225,8 +226,12 @@ def replay_segment(
     factory: str | None = None,
     tolerance: float | None = None,
     allow_code_change: bool = False,
+    head: LedgerHead | None = None,
 ) -> SegmentResult:
-    """Replay segment ``index`` of a run in this process (see :func:`replay`)."""
+    """Replay segment ``index`` of a run in this process (see :func:`replay`).
+
+    ``head``: a ledger head verified elsewhere; this copy of the ledger must extend it.
+    """
     import lightning.pytorch as pl
 
     from torch_integrity.environment import compare_environments, describe_environment
@@ -235,7 +240,7 @@ def replay_segment(
 
     began = time.perf_counter()
     root = Path(run_dir)
-    history = open_run(root)
+    history = open_run(root, head=head)
     segments, _ = plan_segments(history)
     if not 0 <= index < len(segments):
         raise UsageError(f"segment {index} does not exist; the run has {len(segments)}")
@@ -397,9 +402,10 @@ def _divergence_json(divergence: Any) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
-def _replay_one(args: tuple[str, int, str | None, float | None, bool]) -> SegmentResult:
-    run_dir, index, factory, tolerance, allow = args
-    return replay_segment(run_dir, index, factory=factory, tolerance=tolerance, allow_code_change=allow)
+def _replay_one(args: tuple[Any, ...]) -> SegmentResult:
+    run_dir, index, factory, tolerance, allow, *rest = args
+    head = LedgerHead.from_json(rest[0]) if rest and rest[0] is not None else None
+    return replay_segment(run_dir, index, factory=factory, tolerance=tolerance, allow_code_change=allow, head=head)
 
 
 def replay(
@@ -481,7 +487,10 @@ def replay(
             f"segment passes this check with probability {1 - probability:.3f}"
         )
     # absolute: Ray workers do not share this process's working directory
-    jobs = [(str(root.resolve()), s.index, factory, tolerance, allow_code_change) for s in chosen]
+    # every job checks that its copy of the ledger extends the head verified here (a node
+    # holding a rewritten copy is caught, not trusted)
+    head = history.head.to_json()
+    jobs = [(str(root.resolve()), s.index, factory, tolerance, allow_code_change, head) for s in chosen]
     if isinstance(runner, RayExecutor) and ray_gpus_per_task is None:
         runner.num_gpus = _gpus_per_segment(chosen)
     results: list[SegmentResult] = []
