@@ -98,11 +98,11 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return current
 
 
-def read_file_bytes(path: Path, *, max_bytes: int | None = None) -> bytearray:
-    """Read a regular file into memory without following a final symlink.
+def open_regular_file(path: Path) -> tuple[int, int]:
+    """Open a regular file for reading without following a final symlink.
 
-    The returned buffer is what callers hash and then parse, so the bytes verified are
-    the bytes used even if the file changes on disk afterwards.
+    Returns:
+        ``(file descriptor, size in bytes)``; the caller closes the descriptor.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -112,11 +112,21 @@ def read_file_bytes(path: Path, *, max_bytes: int | None = None) -> bytearray:
         if os.path.islink(path):
             raise UnsafePathError(f"{path} is a symlink; refusing to follow it") from None
         raise UsageError(f"cannot open {path}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise MalformedFileError(f"{path} is not a regular file")
+    return fd, info.st_size
+
+
+def read_file_bytes(path: Path, *, max_bytes: int | None = None) -> bytearray:
+    """Read a regular file into memory without following a final symlink.
+
+    The returned buffer is what callers hash and then parse, so the bytes verified are
+    the bytes used even if the file changes on disk afterwards.
+    """
+    fd, size = open_regular_file(path)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise MalformedFileError(f"{path} is not a regular file")
-        size = info.st_size
         if max_bytes is not None and size > max_bytes:
             raise MalformedFileError(f"{path} is {size} bytes, more than the {max_bytes} allowed")
         buffer = bytearray(size)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import stat
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,7 +35,8 @@ import numpy as np
 import torch
 
 from torch_integrity.digest import Digest, dtype_name, tensor_byte_chunks
-from torch_integrity.errors import MalformedFileError, MissingFileError, UnsafePathError, UsageError
+from torch_integrity.errors import MalformedFileError, UsageError
+from torch_integrity.fsutil import open_regular_file
 
 SAMPLE_ALGORITHM = "sha256-sample-v1"
 DOMAIN = b"torch-integrity:sample:v1\x00"
@@ -286,19 +286,8 @@ def digest_file_sample(path: Path, relative_path: str) -> tuple[bytes, int]:
     Returns:
         ``(raw 32-byte digest, file size in bytes)``.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise MissingFileError(f"{path} does not exist") from None
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UnsafePathError(f"{path} is a symlink; data files must be real files") from None
-        raise UsageError(f"cannot open {path}: {exc.strerror}") from None
+    fd, size = open_regular_file(path)
     with os.fdopen(fd, "rb", buffering=0) as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise MalformedFileError(f"{path} is not a regular file")
-        size = info.st_size
         hasher = hashlib.sha256(DOMAIN + file_sample_prefix(relative_path, size))
         buffer = bytearray(min(_FILE_CHUNK, max(size, 1)))
         view = memoryview(buffer)
