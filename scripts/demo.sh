@@ -4,11 +4,6 @@
 # Usage: bash scripts/demo.sh [RUN_DIR]   (default: runs/demo-<timestamp>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${TI_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+. scripts/venv.sh
 RUN_DIR="${1:-runs/demo-$(date +%Y%m%d-%H%M%S)}"
 exec "$VENV/bin/python" -m torch_integrity.demo --run-dir "$RUN_DIR"

@@ -3,12 +3,7 @@
 # and the whole test suite. Usage: bash scripts/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${TI_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+. scripts/venv.sh
 echo "== ruff"
 "$VENV/bin/ruff" check torch_integrity tests bench examples
 echo "== mypy"
