@@ -7,7 +7,7 @@ that reads run directories can run fast and without the capture callback::
     open_run(run.run_dir).checkpoint_at(2).model.root == run.model_digests[2].root
 
 Each checkpoint's model is a tiny two-layer MLP whose weights depend on the step.
-Step records carry a ``data`` field with a ``sha256-batch-v1`` digest (bare hex, the
+Step records carry a ``data`` field with a ``sha256-batch-v2`` digest (bare hex, the
 algorithm named in ``run_start.digests.data``, as the capture callback writes them).
 """
 
@@ -91,7 +91,7 @@ def build_fake_run(
                 "hyperparameters": {"lr": 0.1, "hidden": 8},
                 "trainer": {"max_steps": max(steps), "deterministic": True},
                 "environment": {"python": "3.11", "torch": torch.__version__},
-                "digests": {"data": "sha256-batch-v1"},
+                "digests": {"data": "sha256-batch-v2"},
             }
         ),
     }

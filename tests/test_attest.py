@@ -84,7 +84,7 @@ def test_statement_layout(run: FakeRun) -> None:
 
 def test_data_section_commits_to_the_batches_before_the_checkpoint(run: FakeRun) -> None:
     data = build_statement(run.run_dir, 2)["predicate"]["data"]
-    assert data["batchDigestAlgorithm"] == "sha256-batch-v1"
+    assert data["batchDigestAlgorithm"] == "sha256-batch-v2"
     assert data["stepRecords"] == data["batchDigests"] == 2  # steps 1 and 2 precede the step-2 checkpoint
     leaves = [hashlib.sha256(f"{run.run_id}:batch:{s}".encode()).digest() for s in (1, 2)]
     assert data["batchDigestsMerkleRoot"] == merkle.merkle_root(leaves).hex()

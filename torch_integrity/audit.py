@@ -70,8 +70,12 @@ def _walk(run_dir: Path) -> list[str]:
     return found
 
 
-def verify_checkpoint(history: RunHistory, entry: CheckpointEntry) -> None:
-    """Verify one checkpoint file: whole-file digest, then model and optimizer tensors."""
+def verify_checkpoint(history: RunHistory, entry: CheckpointEntry) -> dict[str, Any]:
+    """Verify one checkpoint file (whole-file digest, run id, model and optimizer tensors).
+
+    Returns:
+        The checkpoint's state, parsed from exactly the verified bytes.
+    """
     state, metadata = history.load_checkpoint(entry)
     if metadata.get("torch_integrity.run_id") not in (None, history.run_id):
         raise TamperedError(f"{entry.path} belongs to run {metadata.get('torch_integrity.run_id')}, not {history.run_id}")
@@ -82,6 +86,7 @@ def verify_checkpoint(history: RunHistory, entry: CheckpointEntry) -> None:
     if optimizer.root != entry.optimizer.root:
         raise DigestMismatchError(f"optimizer state in {entry.path}", entry.optimizer.root, optimizer.root,
                                   differing=tuple(optimizer.differing(entry.optimizer)))
+    return state
 
 
 def verify_run(run_dir: str | os.PathLike[str], *, head: LedgerHead | None = None) -> VerifyReport:

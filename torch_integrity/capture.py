@@ -102,8 +102,7 @@ class IntegrityCallback(Callback):
         self.record_indices = record_indices
         self.data_manifest = Path(data_manifest) if data_manifest is not None else None
         self.flush_every = flush_every
-        self.run_seed: int = seed if seed is not None else -1
-        self._explicit_seed = seed is not None
+        self.run_seed: int = seed if seed is not None else -1  # chosen in setup when not given
         self.run_id = ""
         self._ledger: LedgerWriter | None = None
         self._undo: Any = None
@@ -168,7 +167,7 @@ class IntegrityCallback(Callback):
         io = glue.IntegrityCheckpointIO(trainer.strategy.checkpoint_io, self.run_dir, self._on_checkpoint_loaded)
         self._undo = glue.install(trainer, io, self._instrument)
         if not torch.are_deterministic_algorithms_enabled():
-            glue.warn_once(
+            glue.warn(
                 "IntegrityCallback: Trainer(deterministic=True) is not set; the run is recorded, but bit-exact "
                 "replay is not promised (the flag is recorded in run_start)."
             )
@@ -219,13 +218,10 @@ class IntegrityCallback(Callback):
     # ---- data ----------------------------------------------------------------------------
 
     def _instrument(self, loader: Any) -> None:
-        if self.run_seed < 0:
-            self.run_seed = self._choose_seed()
         self._loaders.append(instrument_dataloader(loader, self))
 
     def _choose_seed(self) -> int:
-        if self._resume is not None:
-            return int(self._resume["run_seed"])
+        # a resume replaces this with the recorded seed in load_state_dict
         env = os.environ.get("PL_GLOBAL_SEED")
         if env is not None and env.lstrip("-").isdigit():
             return int(env) % (1 << 63)
@@ -233,37 +229,21 @@ class IntegrityCallback(Callback):
 
     def plan_iteration(self) -> IterationPlan:
         """Called by the sampler wrapper at the start of each pass over the data."""
-        trainer = self._trainer
-        epoch = trainer.current_epoch if trainer is not None else 0
-        skip = 0
-        resume = self._resume
-        if resume is not None and not resume.get("_consumed"):
-            data = resume["data"]
-            if not data["epoch_finished"] and int(data["epoch"]) == epoch:
-                skip = int(data["next_batch_idx"])
-            resume["_consumed"] = True
-        return IterationPlan(epoch=epoch, skip=skip)
+        epoch = self._trainer.current_epoch if self._trainer is not None else 0
+        return IterationPlan(epoch=epoch, skip=resume_skip(self._resume, epoch))
 
     # ---- run start / end --------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
             return
-        if self.run_seed < 0:
-            self.run_seed = self._choose_seed()
-        for index, optimizer in enumerate(trainer.optimizers):
-            self._hooks.append(optimizer.register_step_post_hook(self._make_post_hook(index)))
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_post_hook(self._count_real_step))
         self._last_global_step = trainer.global_step
         if self._resume is not None:
             self.run_id = str(self._resume["run_id"])
             self._fingerprint_key = int(self._resume["fingerprint_key"])
-            per_rank = self._resume.get("rng_per_rank")
-            if per_rank and len(per_rank) != self.world_size:
-                raise UsageError(
-                    f"the checkpoint was written by {len(per_rank)} processes; this run has {self.world_size}. "
-                    "Resume with the same world size."
-                )
-            self._restore_rng_at_next_batch = per_rank[self.rank] if per_rank else self._resume["rng"]
+            self._restore_rng_at_next_batch = resume_rng(self._resume, self.rank, self.world_size)
             # also now: batches fetched before the first training batch (an IterableDataset's
             # prefetch draws from the global RNG) must see the checkpointed stream
             restore_global_rng(self._restore_rng_at_next_batch)
@@ -355,11 +335,9 @@ class IntegrityCallback(Callback):
 
     # ---- per batch ----------------------------------------------------------------------------
 
-    def _make_post_hook(self, index: int) -> Any:
-        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._pending.real_steps += 1
-
-        return hook
+    def _count_real_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer post-step hook: fires only for steps that really ran (not AMP-skipped)."""
+        self._pending.real_steps += 1
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._active:
@@ -424,21 +402,15 @@ class IntegrityCallback(Callback):
         per_rank = glue.gather(trainer, _rank_part(pending)) if self.world_size > 1 else None
         if self._ledger is None:
             return
-        single = len(pending.data) == 1
         body: dict[str, Any] = {
             "step": step,
             "epoch": pending.epoch,
             "batch_idx": pending.batch_indices[0] if pending.batch_indices else None,
-            "indices": pending.indices if pending.sizes else None,
-            "data": pending.data[0] if single else pending.data,
-            "loss": pending.losses[0] if single else pending.losses,
             "lr": pending.lrs,
         }
-        if not single:
-            body["sizes"] = pending.sizes
-        if per_rank is not None:
-            for key in ("indices", "data", "loss", "sizes"):
-                body.pop(key, None)
+        if per_rank is None:
+            body.update(_rank_part(pending))
+        else:
             body["ranks"] = per_rank
         if pending.real_steps < len(pending.lrs):
             body["skipped_optimizer_steps"] = len(pending.lrs) - pending.real_steps
@@ -482,6 +454,31 @@ class IntegrityCallback(Callback):
             },
             durable=True,
         )
+
+def resume_rng(resume: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The RNG state this rank must continue from, out of a checkpoint's callback state."""
+    per_rank = resume.get("rng_per_rank")
+    if not per_rank:
+        if world_size != 1:
+            raise UsageError(f"the checkpoint was written by 1 process; this run has {world_size}. Use the same world size.")
+        return dict(resume["rng"])
+    if len(per_rank) != world_size:
+        raise UsageError(
+            f"the checkpoint was written by {len(per_rank)} processes; this run has {world_size}. Use the same world size."
+        )
+    return dict(per_rank[rank])
+
+
+def resume_skip(resume: dict[str, Any] | None, epoch: int) -> int:
+    """Batches of ``epoch`` a resumed pass must skip (once: the first pass after a resume)."""
+    if resume is None or resume.get("_consumed"):
+        return 0
+    resume["_consumed"] = True
+    data = resume["data"]
+    if not data["epoch_finished"] and int(data["epoch"]) == epoch:
+        return int(data["next_batch_idx"])
+    return 0
+
 
 def _rank_part(pending: _PendingStep) -> dict[str, Any]:
     """One rank's share of a step record."""

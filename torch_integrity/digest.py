@@ -45,7 +45,7 @@ BYTES_ALGORITHM = "sha256"
 #: Algorithms a security decision may rest on. Anything else (xxh3 fingerprints) is a
 #: locator only and is refused where a security digest is expected.
 SECURE_ALGORITHMS = frozenset(
-    {TENSOR_ALGORITHM, STATE_ALGORITHM, BYTES_ALGORITHM, "sha256-batch-v1", "sha256-sample-v1"}
+    {TENSOR_ALGORITHM, STATE_ALGORITHM, BYTES_ALGORITHM, "sha256-batch-v2", "sha256-sample-v1"}
 )
 
 _TENSOR_DOMAIN = b"torch-integrity:tensor:v1\x00"

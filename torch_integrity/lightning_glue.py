@@ -159,14 +159,9 @@ class IntegrityCheckpointIO(CheckpointIO):
         if not entries:
             raise UsageError(f"{path} is not recorded in the ledger of {self.run_dir}; refusing to resume from it")
         entry = entries[-1]
-        state, _ = history.load_checkpoint(entry)
-        model, optimizer = state_digests(state)
-        if model.root != entry.model.root or optimizer.root != entry.optimizer.root:
-            from torch_integrity.errors import DigestMismatchError
+        from torch_integrity.audit import verify_checkpoint  # audit builds on this module
 
-            raise DigestMismatchError(
-                f"checkpoint {relative}", entry.model.root, model.root, differing=tuple(model.differing(entry.model))
-            )
+        state = verify_checkpoint(history, entry)
         self.on_load(entry, state)
         return state
 
@@ -234,6 +229,6 @@ def _from_wire(value: Any) -> Any:
     return value
 
 
-def warn_once(message: str) -> None:
+def warn(message: str) -> None:
     """A user-visible warning (rank zero only is the caller's job)."""
     warnings.warn(message, UserWarning, stacklevel=3)

@@ -182,6 +182,14 @@ def code_differences(run_start: dict[str, Any]) -> list[str]:
     return changed
 
 
+def checked_code(run_start: dict[str, Any], allow_code_change: bool) -> list[str]:
+    """The code differences from the recorded run; refused unless ``allow_code_change``."""
+    changed = code_differences(run_start)
+    if changed and not allow_code_change:
+        raise CodeChangedError("the model code changed since capture (refusing to replay): " + "; ".join(changed))
+    return changed
+
+
 # ---- one segment ---------------------------------------------------------------------------
 
 
@@ -249,15 +257,11 @@ def replay_segment(
     world_size = int((run_start.get("trainer") or {}).get("world_size") or 1)
     if world_size > 1 and os.environ.get(DDP_CHILD_ENV) is None:
         return _replay_in_ddp_processes(root, index, factory, tolerance, allow_code_change)
-    changed = code_differences(run_start) if factory is None else []
+    changed = checked_code(run_start, allow_code_change)  # before any of the user's code is called
     model, data = build_model_and_data(run_start, factory)
-    if factory is not None:
-        changed = code_differences(run_start)
-    if changed and not allow_code_change:
-        raise CodeChangedError("the model code changed since capture (refusing to replay): " + "; ".join(changed))
     settings = run_start.get("trainer", {})
-    # the start checkpoint's file and digests are verified by the checkpoint IO before use
-    history.load_checkpoint(segment.start)
+    # the start checkpoint is verified by the checkpoint IO when Lightning loads it; the end
+    # checkpoint is only compared by digest, so its file is verified here
     history.load_checkpoint(segment.end)
     factory_notes = factory_differences(run_start, model, data) if factory is not None else []
     callback = ReplayCallback(root, segment, tolerance=tolerance, manifest=_bound_manifest(run_start))
@@ -475,10 +479,7 @@ def replay(
     if not planned:
         raise UsageError(f"{root} has no complete segment (two checkpoints with steps between them) to replay")
     chosen = select_segments(planned, indices=segments, from_step=from_step, to_step=to_step, sample=sample, seed=seed)
-    if factory is None:
-        changed = code_differences(chosen[0].run_start)
-        if changed and not allow_code_change:
-            raise CodeChangedError("the model code changed since capture (refusing to replay): " + "; ".join(changed))
+    checked_code(chosen[0].run_start, allow_code_change)  # refuse here, before starting any worker
     probability = None
     if sample is not None:
         probability = len(chosen) / len(planned)

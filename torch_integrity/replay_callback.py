@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 
 from torch_integrity import lightning_glue as glue
 from torch_integrity.batch import digest_batch
+from torch_integrity.capture import resume_rng, resume_skip
 from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
 from torch_integrity.fingerprint import fingerprint_tensors
 from torch_integrity.rng import capture_global_rng, restore_global_rng
@@ -151,22 +152,15 @@ class ReplayCallback(Callback):
                 offset += size
         if batches:
             return IterationPlan(epoch=epoch, replay=batches)
-        skip = 0
-        if self._resume is not None and not self._resume.get("_consumed"):
-            data = self._resume["data"]
-            if not data["epoch_finished"] and int(data["epoch"]) == epoch:
-                skip = int(data["next_batch_idx"])
-            self._resume["_consumed"] = True
-        return IterationPlan(epoch=epoch, skip=skip)
+        return IterationPlan(epoch=epoch, skip=resume_skip(self._resume, epoch))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torch_integrity.environment import describe_environment
 
         self.environment = describe_environment()
         if self._resume is not None:
-            per_rank = self._resume.get("rng_per_rank")
-            self._restore_rng = per_rank[self.rank] if per_rank else self._resume["rng"]
-            restore_global_rng(self._resume["rng"])  # as capture does: prefetched batches see it too
+            self._restore_rng = resume_rng(self._resume, self.rank, self.world_size)
+            restore_global_rng(self._restore_rng)  # as capture does: prefetched batches see it too
         if trainer.global_step != self.segment.start_step:
             self._diverge(trainer.global_step, "steps", self.segment.start_step, trainer.global_step)
 

@@ -24,7 +24,9 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
+import inspect
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -46,6 +48,7 @@ TAG_NONE, TAG_TRUE, TAG_FALSE = b"N", b"T", b"F"
 TAG_INT, TAG_FLOAT, TAG_STR, TAG_BYTES = b"I", b"D", b"S", b"Y"
 TAG_TUPLE, TAG_LIST, TAG_DICT = b"P", b"L", b"M"
 TAG_TENSOR, TAG_ARRAY = b"X", b"A"
+TAG_OBJECT = b"O"
 
 _U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
@@ -225,22 +228,43 @@ def _encoder_for(value: Any) -> _Encoder:
         return _encode_bytes
     if isinstance(value, Mapping):
         return _encode_mapping
+    if isinstance(value, type) or inspect.isroutine(value) or inspect.ismodule(value):
+        pass  # code, not data
+    elif dataclasses.is_dataclass(value) or hasattr(value, "__dict__"):
+        return _encode_object
     raise UsageError(
         f"cannot digest a sample part of type {type(value).__name__}: samples may hold tensors, numpy "
-        "arrays, int, float, str, bytes, bool, None and tuples/lists/dicts of these"
+        "arrays, int, float, str, bytes, bool, None, tuples/lists/dicts of these, dataclasses and plain objects"
     )
+
+
+def _encode_object(value: Any, sink: _Sink, depth: int) -> None:
+    """A dataclass or plain object: its qualified type name, then its fields as a dict."""
+    kind = type(value)
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    else:
+        fields = dict(vars(value))
+    sink.buffer += TAG_OBJECT
+    _encode_str(f"{kind.__module__}.{kind.__qualname__}", sink, depth)
+    _encode_mapping(fields, sink, depth)
 
 
 def _encode(value: Any, sink: _Sink, depth: int) -> None:
     (_ENCODERS.get(type(value)) or _encoder_for(value))(value, sink, depth)
 
 
+def encode_into(hasher: Any, value: Any) -> None:
+    """Feed the encoding of ``value`` (without a domain tag) to a hashlib-style ``hasher``."""
+    sink = _Sink(hasher)
+    _encode(value, sink, 0)
+    hasher.update(sink.buffer)
+
+
 def digest_sample_bytes(sample: Any) -> bytes:
     """The raw 32-byte ``sha256-sample-v1`` digest of ``sample`` (see :func:`digest_sample`)."""
     hasher = hashlib.sha256(DOMAIN)
-    sink = _Sink(hasher)
-    _encode(sample, sink, 0)
-    hasher.update(sink.buffer)
+    encode_into(hasher, sample)
     return hasher.digest()
 
 
