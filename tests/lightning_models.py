@@ -376,6 +376,94 @@ class SeededDataModule(DemoDataModule):
                           shuffle=h.shuffle, num_workers=h.num_workers)
 
 
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed synthetic token sequences (no download): ``(input, target)`` shifted by one."""
+
+    def __init__(self, vocab: int = 64, length: int = 12, count: int = 64) -> None:
+        self.data = torch.randint(0, vocab, (count, length + 1), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[index, :-1], self.data[index, 1:]
+
+
+class TokenDataModule(pl.LightningDataModule):
+    def __init__(self, vocab: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TokenDataset(int(self.hparams["vocab"])), batch_size=int(self.hparams["batch_size"]), shuffle=True)
+
+
+class DemoTransformerModule(pl.LightningModule):
+    """Lightning's demo Transformer (``lightning.pytorch.demos.Transformer``), small, with dropout and SGD."""
+
+    def __init__(self, vocab: int = 64, width: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from lightning.pytorch.demos import Transformer
+
+        self.model = Transformer(vocab_size=vocab, ninp=width, nhead=2, nhid=2 * width, nlayers=layers, dropout=0.2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.nll_loss(self.model(x, y), y.view(-1))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Fixed 1x16x16 images with a random flip and noise per fetch (augmentation), and labels."""
+
+    def __init__(self, count: int = 64) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.images = torch.randn(count, 1, 16, 16, generator=generator)
+        self.labels = torch.randint(0, 10, (count,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image + 0.05 * torch.randn_like(image), self.labels[index]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 8, num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(ImageDataset(), batch_size=int(self.hparams["batch_size"]), shuffle=True,
+                          num_workers=int(self.hparams["num_workers"]))
+
+
+class SmallConvNet(pl.LightningModule):
+    """Two convolutions with batch norm and dropout, then a linear head; Adam."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.1),
+            nn.Flatten(), nn.Linear(2 * channels * 8 * 8, 10),
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
 # ---- replay factories (MODULE:FUNCTION taking no arguments) ------------------------------------
 
 

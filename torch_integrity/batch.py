@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from torch_integrity.deferred import Later
 from torch_integrity.digest import Digest
-from torch_integrity.sample_digest import encode_into
+from torch_integrity.sample_digest import encode_later
 
 BATCH_ALGORITHM = "sha256-batch-v2"
 _DOMAIN = b"torch-integrity:batch:v2\x00"
@@ -34,6 +35,15 @@ def digest_batch(batch: Any) -> Digest:
         >>> digest_batch((torch.ones(2), 3)) == digest_batch((torch.ones(2), 3))
         True
     """
-    hasher = hashlib.sha256(_DOMAIN)
-    encode_into(hasher, batch)
-    return Digest(BATCH_ALGORITHM, hasher.hexdigest())
+    return Digest(BATCH_ALGORITHM, digest_batch_later(batch).result())
+
+
+def digest_batch_later(batch: Any) -> Later[str]:
+    """The hex ``sha256-batch-v2`` digest of a batch, without waiting for a GPU.
+
+    Equal to ``digest_batch(batch).hex`` of the batch as it is now. Batches in CPU memory
+    are hashed at once; the bytes of CUDA tensors are copied to the host asynchronously
+    and hashed when :meth:`~torch_integrity.deferred.Later.result` is called.
+    """
+    fed = encode_later(hashlib.sha256(_DOMAIN), batch)
+    return Later(lambda: fed.result().hexdigest())

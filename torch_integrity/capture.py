@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from torch_integrity import lightning_glue as glue
-from torch_integrity.batch import BATCH_ALGORITHM, digest_batch
+from torch_integrity.batch import BATCH_ALGORITHM, digest_batch_later
 from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
+from torch_integrity.deferred import Later, resolve
 from torch_integrity.digest import digest_state_dict
 from torch_integrity.environment import code_digest, describe_environment, import_path
 from torch_integrity.errors import UsageError
-from torch_integrity.fingerprint import FINGERPRINT_ALGORITHM, fingerprint_tensors
+from torch_integrity.fingerprint import FINGERPRINT_ALGORITHM, fingerprint_later
 from torch_integrity.fsutil import TEMP_PREFIX
 from torch_integrity.ledger import LEDGER_FILE, LedgerWriter
 from torch_integrity.rng import capture_global_rng, derive_seed, restore_global_rng
@@ -40,6 +42,10 @@ from torch_integrity.rundir import CHECKPOINT_DIR, RUN_FORMAT, checkpoint_relati
 from torch_integrity.store import save_checkpoint
 
 STATE_FORMAT = "torch-integrity-callback-state-v1"
+
+#: On CUDA, step records are written this many optimizer steps behind training, so that
+#: reading their device values (batch digest, loss, fingerprint) never waits for the GPU.
+CUDA_RECORD_LAG = 2
 
 
 @dataclass
@@ -50,8 +56,8 @@ class _PendingStep:
     batch_indices: list[int] = field(default_factory=list)
     indices: list[Any] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)
-    losses: list[str | None] = field(default_factory=list)
+    data: list[Later[str]] = field(default_factory=list)
+    losses: list[Later[str | None]] = field(default_factory=list)
     lrs: list[list[float | str]] = field(default_factory=list)
     real_steps: int = 0
 
@@ -111,6 +117,8 @@ class IntegrityCallback(Callback):
         self._resume_entry: Any = None
         self._restore_rng_at_next_batch: dict[str, Any] | None = None
         self._pending = _PendingStep()
+        self._unwritten: deque[tuple[dict[str, Any], dict[str, Any]]] = deque()  # step records not yet written
+        self._record_lag = 0
         self._last_global_step = 0
         self._hooks: list[Any] = []
         self._fingerprint_key = 0
@@ -239,6 +247,7 @@ class IntegrityCallback(Callback):
             return
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._count_real_step))
+        self._record_lag = record_lag(pl_module.device)
         self._last_global_step = trainer.global_step
         if self._resume is not None:
             self.run_id = str(self._resume["run_id"])
@@ -321,6 +330,8 @@ class IntegrityCallback(Callback):
         return {**reference, "path": str(self.data_manifest.resolve())}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active:
+            self._write_records()
         if self._active and trainer.global_step != self._last_checkpoint_step:
             self._checkpoint(trainer)  # close the last segment
         if self._ledger is not None:
@@ -328,6 +339,11 @@ class IntegrityCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._ledger is not None:
+            try:
+                if self.world_size == 1:  # other ranks may be gone: their parts cannot be gathered
+                    self._write_records()
+            except Exception:
+                pass
             try:
                 self._ledger.flush(durable=True)
             except OSError:
@@ -355,7 +371,7 @@ class IntegrityCallback(Callback):
         if indices is not None:
             pending.indices.extend(indices if isinstance(indices, list) else [indices])
             pending.sizes.append(len(indices) if isinstance(indices, list) else 1)
-        pending.data.append(digest_batch(batch).hex)
+        pending.data.append(digest_batch_later(batch))
 
     def _pop_indices(self, batch_idx: int) -> Any:
         if not self.record_indices:
@@ -383,7 +399,7 @@ class IntegrityCallback(Callback):
     ) -> None:
         if not self._active:
             return
-        self._pending.losses.append(glue.loss_bits(outputs))
+        self._pending.losses.append(glue.loss_bits_later(outputs))
         self._next_batch_idx = batch_idx + 1
         step = trainer.global_step
         if step == self._last_global_step:
@@ -397,30 +413,42 @@ class IntegrityCallback(Callback):
         self._restore_rng_at_next_batch = capture_global_rng()
 
     def _record_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Queue the step record (values still on a GPU are read when it is written)."""
         pending = self._pending
         self._pending = _PendingStep()
-        per_rank = glue.gather(trainer, _rank_part(pending)) if self.world_size > 1 else None
-        if self._ledger is None:
-            return
         body: dict[str, Any] = {
             "step": step,
             "epoch": pending.epoch,
             "batch_idx": pending.batch_indices[0] if pending.batch_indices else None,
             "lr": pending.lrs,
         }
-        if per_rank is None:
-            body.update(_rank_part(pending))
-        else:
-            body["ranks"] = per_rank
         if pending.real_steps < len(pending.lrs):
             body["skipped_optimizer_steps"] = len(pending.lrs) - pending.real_steps
         if self.fingerprint_every_n_steps and step % self.fingerprint_every_n_steps == 0:
-            body["fp"] = fingerprint_tensors(pl_module.state_dict().items(), key=self._fingerprint_key)
-        self._ledger.append("step", body)
+            body["fp"] = fingerprint_later(pl_module.state_dict().items(), key=self._fingerprint_key)
+        self._unwritten.append((body, _rank_part(pending)))
+        self._write_records(keep=self._record_lag)
+
+    def _write_records(self, keep: int = 0) -> None:
+        """Write every queued step record but the newest ``keep``, oldest first.
+
+        Every rank calls this at the same steps (the queue lengths agree), so the gather
+        of the ranks' parts in distributed training pairs up.
+        """
+        while len(self._unwritten) > keep:
+            body, part = self._unwritten.popleft()
+            part = resolve(part)
+            if self.world_size > 1 and self._trainer is not None:
+                body["ranks"] = glue.gather(self._trainer, part)
+            else:
+                body.update(part)
+            if self._ledger is not None:
+                self._ledger.append("step", resolve(body))
 
     # ---- checkpoints --------------------------------------------------------------------------
 
     def _checkpoint(self, trainer: pl.Trainer) -> None:
+        self._write_records()  # the step records come before the checkpoint that ends them
         self._last_checkpoint_step = trainer.global_step
         if self.world_size > 1:
             self._rng_per_rank = glue.gather(trainer, self._restore_rng_at_next_batch or capture_global_rng())
@@ -454,6 +482,11 @@ class IntegrityCallback(Callback):
             },
             durable=True,
         )
+
+def record_lag(device: torch.device) -> int:
+    """How many step records stay queued while training on ``device`` (see ``CUDA_RECORD_LAG``)."""
+    return CUDA_RECORD_LAG if device.type == "cuda" else 0
+
 
 def resume_rng(resume: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """The RNG state this rank must continue from, out of a checkpoint's callback state."""

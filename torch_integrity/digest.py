@@ -122,11 +122,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def tensor_byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
-    """Yield the tensor's raw bytes, row-major, without copying CPU memory.
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat ``uint8`` tensor on its own device, row-major.
 
-    Non-contiguous tensors are made contiguous first (the only copy, and only for
-    them). Device tensors are copied to the host ``64 MiB`` at a time.
+    A view when the tensor is contiguous; otherwise (and for conjugate or negative views)
+    a contiguous copy. Layouts and dtypes with no raw-byte meaning are refused.
     """
     if tensor.is_sparse or tensor.layout != torch.strided:
         raise UsageError(f"cannot hash a tensor with layout {tensor.layout}")
@@ -141,9 +141,18 @@ def tensor_byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
         data = data.resolve_neg()
     if not data.is_contiguous():
         data = data.contiguous()
-    if data.numel() == 0:
+    return data.reshape(-1).view(torch.uint8)
+
+
+def tensor_byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
+    """Yield the tensor's raw bytes, row-major, without copying CPU memory.
+
+    Non-contiguous tensors are made contiguous first (the only copy, and only for
+    them). Device tensors are copied to the host ``64 MiB`` at a time.
+    """
+    flat = flat_bytes(tensor)
+    if flat.numel() == 0:
         return
-    flat = data.reshape(-1).view(torch.uint8)
     if flat.device.type == "cpu":
         yield flat.numpy().data.cast("B")
         return

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import os
 import platform
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -53,25 +54,47 @@ def describe_environment() -> dict[str, Any]:
             info["gpus"].append(
                 {"name": props.name, "capability": f"{props.major}.{props.minor}", "sm_count": props.multi_processor_count}
             )
-        try:
-            info["cuda_driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
-        except Exception:  # pragma: no cover - driver query is best effort
-            info["cuda_driver"] = None
+        info["cuda_driver"] = nvidia_driver_version()
     return info
+
+
+def nvidia_driver_version(proc_file: str = "/proc/driver/nvidia/version") -> str | None:
+    """The NVIDIA kernel driver's version (``"550.54.15"``), or None where it cannot be read.
+
+    Read from the driver's own ``/proc`` file on Linux (torch has no query for it).
+    """
+    try:
+        text = Path(proc_file).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+(?:\.\d+)+)", text)
+    return match.group(1) if match else None
 
 
 #: Keys whose difference means floating-point results may differ.
 NUMERIC_KEYS = (
-    "torch", "lightning", "numpy", "cuda", "cudnn", "gpus", "machine", "torch_threads",
+    "torch", "lightning", "numpy", "cuda", "cudnn", "gpus", "cuda_driver", "machine", "torch_threads",
     "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark",
     "cublas_workspace_config", "matmul_tf32", "cudnn_tf32", "float32_matmul_precision",
 )
+#: Keys that matter only when the run computed on a GPU.
+GPU_KEYS = frozenset({"cudnn", "gpus", "cuda_driver", "cudnn_deterministic", "cudnn_benchmark",
+                      "cublas_workspace_config", "matmul_tf32", "cudnn_tf32"})
 
 
-def compare_environments(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences that may change numeric results ("key: was X, now Y")."""
+def compare_environments(recorded: Mapping[str, Any], current: Mapping[str, Any], *, gpu: bool = True) -> list[str]:
+    """Human-readable differences that may change numeric results ("key: was X, now Y").
+
+    Args:
+        recorded: the environment in ``run_start``.
+        current: this process's (:func:`describe_environment`).
+        gpu: whether the run trained on a GPU; without one, GPU-only settings and the
+            machine's GPUs are not compared (a CPU run replayed on a GPU machine).
+    """
     differences = []
     for key in NUMERIC_KEYS:
+        if not gpu and key in GPU_KEYS:
+            continue
         if recorded.get(key) != current.get(key):
             differences.append(f"{key}: recorded {recorded.get(key)!r}, now {current.get(key)!r}")
     return differences

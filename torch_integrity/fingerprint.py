@@ -9,9 +9,9 @@ be shorter), and each row is summed to ``R_r``. With 64-bit two's-complement ari
 Integer addition modulo 2**64 is associative and commutative, so the sums do not
 depend on reduction order or on the device: CPU (NumPy) and GPU (torch) give the same
 bits for the same tensor, and GPU reductions are deterministic. The sums are computed
-where the tensor lives (nothing but the row sums of a device tensor crosses to the
-host, with one synchronisation per record). The sums are then combined with the tensor
-names under a per-run key with XXH3-64. ``s1`` makes the value depend on where in the
+where the tensor lives: only the two sums of each device tensor cross to the host, in
+one copy per device, which :func:`fingerprint_later` starts without waiting for the
+GPU. The sums are then combined with the tensor names under a per-run key with XXH3-64. ``s1`` makes the value depend on where in the
 tensor a change happened, at row granularity.
 
 The result is *not* collision resistant: a deliberate attacker can make two weight sets
@@ -27,6 +27,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 import xxhash
+
+from torch_integrity.deferred import HostCopy, Later, deferrable
 
 FINGERPRINT_ALGORITHM = "xxh3-intsum-v1"
 _ROW = 1024  # words per row
@@ -96,22 +98,43 @@ def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], *, key: int) 
         >>> a == fingerprint_tensors([("w", torch.ones(3))], key=1), a == fingerprint_tensors([("w", torch.ones(3))], key=2)
         (True, False)
     """
+    return fingerprint_later(named, key=key).result()
+
+
+def fingerprint_later(named: Iterable[tuple[str, torch.Tensor]], *, key: int) -> Later[str]:
+    """:func:`fingerprint_tensors`, started now and read later.
+
+    The sums of CUDA tensors are computed on the current stream now (so they are of the
+    weights as they are now, whatever runs next) and copied to the host asynchronously;
+    the host waits only in :meth:`~torch_integrity.deferred.Later.result`.
+    """
     items = sorted(named, key=lambda item: item[0])
     sums = [_device_sums(tensor) for _, tensor in items]
     on_device: dict[torch.device, list[int]] = {}
     for position, value in enumerate(sums):
         if isinstance(value, torch.Tensor):
             on_device.setdefault(value.device, []).append(position)
-    resolved: list[tuple[int, int]] = [(0, 0)] * len(items)
+    copies: list[tuple[list[int], HostCopy | list[list[int]]]] = []
     for positions in on_device.values():
-        host = torch.stack([sums[p] for p in positions]).cpu().tolist()  # type: ignore[misc]  # one sync per device
-        for p, (first, second) in zip(positions, host, strict=True):
-            resolved[p] = (int(first), int(second))
-    for p, value in enumerate(sums):
-        if not isinstance(value, torch.Tensor):
-            resolved[p] = value
-    hasher = xxhash.xxh3_64(seed=key & 0xFFFFFFFFFFFFFFFF)
-    for (name, _), (s0, s1) in zip(items, resolved, strict=True):
-        encoded = name.encode("utf-8")
-        hasher.update(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<qq", s0, s1))
-    return hasher.hexdigest()
+        stacked = torch.stack([sums[p] for p in positions])  # type: ignore[misc]
+        if deferrable(stacked):
+            copies.append((positions, HostCopy(stacked.reshape(-1).view(torch.uint8))))
+        else:
+            copies.append((positions, stacked.cpu().tolist()))  # other devices: one sync each
+
+    def finish() -> str:
+        resolved: list[tuple[int, int]] = [(0, 0)] * len(items)
+        for p, value in enumerate(sums):
+            if not isinstance(value, torch.Tensor):
+                resolved[p] = value
+        for positions, copy in copies:
+            pairs = np.frombuffer(copy.bytes(), dtype="<i8").reshape(-1, 2).tolist() if isinstance(copy, HostCopy) else copy
+            for p, (first, second) in zip(positions, pairs, strict=True):
+                resolved[p] = (int(first), int(second))
+        hasher = xxhash.xxh3_64(seed=key & 0xFFFFFFFFFFFFFFFF)
+        for (name, _), (s0, s1) in zip(items, resolved, strict=True):
+            encoded = name.encode("utf-8")
+            hasher.update(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<qq", s0, s1))
+        return hasher.hexdigest()
+
+    return Later(finish)

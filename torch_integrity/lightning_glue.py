@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from torch_integrity.deferred import HostCopy, Later, deferrable
 from torch_integrity.digest import StateDigest, digest_state_dict, dtype_name
 from torch_integrity.errors import UsageError
 from torch_integrity.rundir import open_run
@@ -69,12 +70,20 @@ def json_safe(value: Any, depth: int = 0) -> Any:
 
 def loss_bits(outputs: Any) -> str | None:
     """Exact bits of the training loss as ``dtype:hex`` (None when there is no loss)."""
+    return loss_bits_later(outputs).result()
+
+
+def loss_bits_later(outputs: Any) -> Later[str | None]:
+    """:func:`loss_bits`, read from a CUDA loss without waiting for the GPU (see ``deferred``)."""
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        return None
+        return Later.ready(None)
     value = loss.detach().reshape(1)
-    raw = value.cpu().view(torch.uint8).numpy().tobytes()
-    return f"{dtype_name(value.dtype)}:{raw[::-1].hex()}"
+    name = dtype_name(value.dtype)
+    if deferrable(value):
+        copy = HostCopy(value.view(torch.uint8))
+        return Later(lambda: f"{name}:{bytes(copy.bytes())[::-1].hex()}")
+    return Later.ready(f"{name}:{value.cpu().view(torch.uint8).numpy().tobytes()[::-1].hex()}")
 
 
 def float_bits(value: float) -> str:

@@ -285,7 +285,9 @@ def replay_segment(
         try:
             trainer.fit(model, **fit_args)
             # compared as training started (after the strategy set threads and deterministic flags)
-            differences = compare_environments(run_start.get("environment", {}), callback.environment or describe_environment())
+            on_gpu = (run_start.get("trainer") or {}).get("accelerator") == "CUDAAccelerator"
+            differences = compare_environments(run_start.get("environment", {}),
+                                               callback.environment or describe_environment(), gpu=on_gpu)
         finally:
             for logger, level in zip(quiet, levels, strict=True):
                 logger.setLevel(level)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from torch_integrity import capture
 from torch_integrity import lightning_glue as glue
-from torch_integrity.batch import digest_batch
+from torch_integrity.batch import digest_batch_later
 from torch_integrity.capture import resume_rng, resume_skip
 from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
-from torch_integrity.fingerprint import fingerprint_tensors
+from torch_integrity.deferred import Later
+from torch_integrity.fingerprint import fingerprint_later
 from torch_integrity.rng import capture_global_rng, restore_global_rng
 from torch_integrity.segments import Segment, rank_view
 
@@ -102,7 +105,10 @@ class ReplayCallback(Callback):
         self._trainer: pl.Trainer | None = None
         self._expected: deque[tuple[dict[str, Any], int]] = deque()
         self._current_step: dict[str, Any] | None = None
-        self._losses: list[str | None] = []
+        self._losses: list[Later[str | None]] = []
+        self._checks: deque[tuple[int, Callable[[], None]]] = deque()  # (step count, comparison) not yet run
+        self._steps_ended = 0
+        self._check_lag = 0
         self._lrs: list[list[float | str]] = []
         self._last_global_step = segment.start_step
         self.fingerprint_key = 0
@@ -158,6 +164,7 @@ class ReplayCallback(Callback):
         from torch_integrity.environment import describe_environment
 
         self.environment = describe_environment()
+        self._check_lag = capture.record_lag(pl_module.device)
         if self._resume is not None:
             self._restore_rng = resume_rng(self._resume, self.rank, self.world_size)
             restore_global_rng(self._restore_rng)  # as capture does: prefetched batches see it too
@@ -185,9 +192,14 @@ class ReplayCallback(Callback):
         recorded = body["data"][micro] if isinstance(body.get("data"), list) else body.get("data")
         if self.manifest is not None:
             self._check_manifest(body, micro, batch_idx, trainer.current_epoch)
-        reproduced = digest_batch(batch).hex
-        if recorded != reproduced:
-            self._diverge(int(body["step"]), "data", recorded, reproduced, batch_idx=batch_idx, epoch=trainer.current_epoch)
+        reproduced = digest_batch_later(batch)
+        epoch = trainer.current_epoch
+
+        def check_data() -> None:
+            if recorded != reproduced.result():
+                self._diverge(int(body["step"]), "data", recorded, reproduced.result(), batch_idx=batch_idx, epoch=epoch)
+
+        self._checks.append((self._steps_ended, check_data))
 
     def _check_manifest(self, body: dict[str, Any], micro: int, batch_idx: int, epoch: int) -> None:
         """Every sample fed must match its digest in the run's dataset manifest."""
@@ -215,7 +227,7 @@ class ReplayCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._losses.append(glue.loss_bits(outputs))
+        self._losses.append(glue.loss_bits_later(outputs))
         self._restore_rng = capture_global_rng()  # RNG advances only inside training batches
         step = trainer.global_step
         if step == self._last_global_step:
@@ -229,8 +241,9 @@ class ReplayCallback(Callback):
             if int(body["step"]) != step:
                 self._diverge(int(body["step"]), "steps", body["step"], step)
             else:
-                self._compare_step(body, losses, lrs, pl_module, batch_idx)
-                self.steps_checked += 1
+                self._checks.append((self._steps_ended, self._step_check(body, losses, lrs, pl_module, batch_idx)))
+        self._steps_ended += 1
+        self._run_checks(keep=0 if step == self.segment.end_step else self._check_lag)
         if step == self.segment.end_step and self.divergence is None:
             self._compare_end(trainer)
             self.reached_end = True
@@ -245,25 +258,49 @@ class ReplayCallback(Callback):
             self.divergence = min(seen, key=lambda d: (d.step, d.rank))
             trainer.should_stop = True
 
-    def _compare_step(
-        self, body: dict[str, Any], losses: list[str | None], lrs: list[list[float | str]], pl_module: Any, batch_idx: int
-    ) -> None:
-        step = int(body["step"])
-        recorded_loss = body.get("loss")
-        reproduced_loss: Any = losses[0] if not isinstance(recorded_loss, list) else losses
-        if recorded_loss != reproduced_loss:
-            if self.tolerance is None or not self._losses_close(recorded_loss, reproduced_loss):
-                self._diverge(step, "loss", recorded_loss, reproduced_loss, batch_idx=batch_idx, epoch=body.get("epoch"))
-                return
-        if body.get("lr") != lrs:
-            self._diverge(step, "lr", body.get("lr"), lrs, batch_idx=batch_idx, epoch=body.get("epoch"))
-            return
+    def _run_checks(self, keep: int) -> None:
+        """Run the queued comparisons of all but the last ``keep`` steps, oldest first.
+
+        On CUDA the comparisons run a few steps behind (as capture writes its records), so
+        reading the reproduced values never waits for the GPU. The first divergence is
+        still the one reported: checks run in training order.
+        """
+        while self._checks and self._checks[0][0] < self._steps_ended - keep:
+            _, check = self._checks.popleft()
+            if self.divergence is None:
+                check()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run_checks(keep=0)
+
+    def _step_check(
+        self, body: dict[str, Any], losses: list[Later[str | None]], lrs: list[list[float | str]], pl_module: Any,
+        batch_idx: int,
+    ) -> Callable[[], None]:
+        """The comparison of one step's loss, learning rates and fingerprint (values read when it runs)."""
         recorded_fp = body.get("fp")
+        fingerprint = None
         if recorded_fp is not None and self.tolerance is None:
-            reproduced_fp = fingerprint_tensors(pl_module.state_dict().items(), key=self.fingerprint_key)
-            if reproduced_fp != recorded_fp:
-                self._diverge(step, "weights", f"fingerprint {recorded_fp}", f"fingerprint {reproduced_fp}",
-                              batch_idx=batch_idx, epoch=body.get("epoch"))
+            fingerprint = fingerprint_later(pl_module.state_dict().items(), key=self.fingerprint_key)
+
+        def check() -> None:
+            self.steps_checked += 1
+            step = int(body["step"])
+            recorded_loss = body.get("loss")
+            reproduced = [loss.result() for loss in losses]
+            reproduced_loss: Any = reproduced[0] if not isinstance(recorded_loss, list) else reproduced
+            where = {"batch_idx": batch_idx, "epoch": body.get("epoch")}
+            if recorded_loss != reproduced_loss:
+                if self.tolerance is None or not self._losses_close(recorded_loss, reproduced_loss):
+                    self._diverge(step, "loss", recorded_loss, reproduced_loss, **where)
+                    return
+            if body.get("lr") != lrs:
+                self._diverge(step, "lr", body.get("lr"), lrs, **where)
+                return
+            if fingerprint is not None and fingerprint.result() != recorded_fp:
+                self._diverge(step, "weights", f"fingerprint {recorded_fp}", f"fingerprint {fingerprint.result()}", **where)
+
+        return check
 
     def _losses_close(self, recorded: Any, reproduced: Any) -> bool:
         pairs = zip(recorded, reproduced, strict=False) if isinstance(recorded, list) else [(recorded, reproduced)]

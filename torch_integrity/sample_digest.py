@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from torch_integrity.digest import Digest, dtype_name, tensor_byte_chunks
+from torch_integrity.deferred import HostCopy, Later, deferrable
+from torch_integrity.digest import Digest, dtype_name, flat_bytes, tensor_byte_chunks
 from torch_integrity.errors import MalformedFileError, UsageError
 from torch_integrity.fsutil import open_regular_file
 
@@ -75,6 +76,46 @@ class _Sink:
             self.buffer.clear()
         self.hasher.update(payload)
 
+    def device_tensor(self, tensor: torch.Tensor) -> None:
+        """The bytes of a tensor that is not in CPU memory (copied to the host in chunks)."""
+        for chunk in tensor_byte_chunks(tensor):
+            self.large(chunk)
+
+
+class _DeferringSink(_Sink):
+    """A sink that leaves CUDA tensors' bytes to arrive later (see :mod:`torch_integrity.deferred`).
+
+    Until the first CUDA tensor, everything goes to the hasher as usual. From then on,
+    pieces are kept in order: host bytes copied (the caller may change them before the
+    digest is finished) and :class:`~torch_integrity.deferred.HostCopy` handles.
+    """
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, hasher: Any) -> None:
+        super().__init__(hasher)
+        self.pieces: list[bytes | HostCopy] | None = None
+
+    def large(self, payload: memoryview | bytes) -> None:
+        if self.pieces is None:
+            super().large(payload)
+        else:
+            self.buffer += payload
+
+    def device_tensor(self, tensor: torch.Tensor) -> None:
+        if not deferrable(tensor):
+            super().device_tensor(tensor)
+            return
+        flat = flat_bytes(tensor)
+        if self.pieces is None:
+            self.pieces = []
+            assert self.hasher is not None  # constructed with one
+            self.hasher.update(self.buffer)
+        else:
+            self.pieces.append(bytes(self.buffer))
+        self.buffer.clear()
+        self.pieces.append(HostCopy(flat))
+
 
 _TENSOR_HEADERS: dict[tuple[torch.dtype, tuple[int, ...]], bytes] = {}
 
@@ -110,8 +151,11 @@ def _encode_tensor(tensor: torch.Tensor, sink: _Sink) -> None:
         if nbytes:
             sink.large(memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B"))
         return
-    for chunk in tensor_byte_chunks(tensor):
-        sink.large(chunk)
+    if tensor.is_cpu:
+        for chunk in tensor_byte_chunks(tensor):
+            sink.large(chunk)
+    else:
+        sink.device_tensor(tensor)
 
 
 def _encode_array(value: np.ndarray | np.generic, sink: _Sink) -> None:
@@ -259,6 +303,29 @@ def encode_into(hasher: Any, value: Any) -> None:
     sink = _Sink(hasher)
     _encode(value, sink, 0)
     hasher.update(sink.buffer)
+
+
+def encode_later(hasher: Any, value: Any) -> Later[Any]:
+    """Like :func:`encode_into`, but CUDA tensors' bytes are fed once they reach the host.
+
+    The encoding is fixed now (later changes to ``value`` do not reach it); CUDA tensors
+    start asynchronous copies. The returned :class:`~torch_integrity.deferred.Later`
+    resolves to ``hasher`` with the whole encoding fed (at once when nothing is on a GPU).
+    """
+    sink = _DeferringSink(hasher)
+    _encode(value, sink, 0)
+    pieces = sink.pieces
+    if pieces is None:
+        hasher.update(sink.buffer)
+        return Later.ready(hasher)
+    pieces.append(bytes(sink.buffer))
+
+    def finish() -> Any:
+        for piece in pieces:
+            hasher.update(piece if isinstance(piece, bytes) else piece.bytes())
+        return hasher
+
+    return Later(finish)
 
 
 def digest_sample_bytes(sample: Any) -> bytes:

@@ -1,0 +1,236 @@
+"""Callback overhead and replay speed on a GPU, on a model of about 100M parameters.
+
+    python bench/bench_gpu.py                    # CUDA, ~101M-parameter demo Transformer
+    python bench/bench_gpu.py --precision bf16-mixed
+    python bench/bench_gpu.py --device cpu --width 64 --ffn 128 --heads 2 --vocab 512 \\
+        --batch 4 --seq 16 --steps 12 --repeats 1 --replay-steps 8 --replay-every 4   # smoke test
+
+Model: Lightning's demo Transformer (``lightning.pytorch.demos.Transformer``: encoder and
+decoder, ``--layers`` each) with vocabulary 33278, width 768, 12 heads, feed-forward 3072
+and 3 layers: 100.8M parameters. Batches of ``--batch`` x ``--seq`` synthetic tokens, SGD
+with momentum, ``Trainer(deterministic=True)``.
+
+1. Overhead. Runs without and with ``IntegrityCallback`` alternate (``--repeats`` pairs)
+   in one process; each trains ``--steps`` steps and is timed from the end of step
+   ``--skip`` to the end of the last step, with the device synchronised at both marks
+   (Trainer start-up and the step-0 checkpoint are outside the window). Checkpoints are
+   left out of this window (the interval is longer than the run) and costed apart: the
+   table gives one checkpoint's time and the interval at which checkpoints cost 1%.
+2. Replay. One run of ``--replay-steps`` steps with a checkpoint every ``--replay-every``
+   is captured, then every segment is replayed; steady-state steps/s of training (same
+   windows) and of replay are compared, and every segment must reproduce bit for bit.
+
+Results go to ``bench/results/gpu.json`` and the ``gpu`` section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bench._report import machine_line, publish, table
+from torch_integrity import IntegrityCallback
+
+
+class Tokens(Dataset):
+    def __init__(self, vocab: int, seq: int, count: int) -> None:
+        self.data = torch.randint(0, vocab, (count, seq + 1), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[index, :-1], self.data[index, 1:]
+
+
+class BigTransformer(pl.LightningModule):
+    def __init__(self, vocab: int, width: int, heads: int, ffn: int, layers: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from lightning.pytorch.demos import Transformer
+
+        self.model = Transformer(vocab_size=vocab, ninp=width, nhead=heads, nhid=ffn, nlayers=layers, dropout=0.1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.nll_loss(self.model(x, y), y.view(-1))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class StepClock(pl.Callback):
+    """Marks the end of every step; synchronises the device at the window's two ends."""
+
+    def __init__(self, skip: int, last: int, sync: bool) -> None:
+        self.skip, self.last, self.sync = skip, last, sync
+        self.marks: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        if self.sync and step in (self.skip, self.last):
+            torch.cuda.synchronize()
+        if step >= self.skip:
+            self.marks.append(time.perf_counter())
+
+
+def _trainer(args: argparse.Namespace, steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+                      precision=args.precision, deterministic=True, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+
+
+def _model(args: argparse.Namespace) -> BigTransformer:
+    pl.seed_everything(0, verbose=False)
+    return BigTransformer(args.vocab, args.width, args.heads, args.ffn, args.layers)
+
+
+def _loader(args: argparse.Namespace) -> DataLoader[Any]:
+    return DataLoader(Tokens(args.vocab, args.seq, 4096), batch_size=args.batch, shuffle=True)
+
+
+def timed_run(args: argparse.Namespace, run_dir: Path | None) -> float:
+    """Steady-state steps/s of one training run (with the callback when ``run_dir`` is given)."""
+    clock = StepClock(args.skip, args.steps, args.device == "cuda")
+    callbacks: list[pl.Callback] = [clock]
+    if run_dir is not None:
+        callbacks.insert(0, IntegrityCallback(run_dir, checkpoint_every_n_steps=args.steps + 1))
+    _trainer(args, args.steps, callbacks).fit(_model(args), _loader(args))
+    return (len(clock.marks) - 1) / (clock.marks[-1] - clock.marks[0])
+
+
+def checkpoint_seconds(args: argparse.Namespace, tmp: Path) -> tuple[float, float]:
+    """Time one checkpoint takes from the training loop's side, and the time to write it fully."""
+
+    class Probe(IntegrityCallback):
+        blocking: list[float] = []
+        writing: list[float] = []
+
+        def _checkpoint(self, trainer: pl.Trainer) -> None:
+            began = time.perf_counter()
+            super()._checkpoint(trainer)
+            Probe.blocking.append(time.perf_counter() - began)
+            self._flush_outbox(block=True)
+            Probe.writing.append(time.perf_counter() - began)
+
+    probe = Probe(tmp / "ckpt-run", checkpoint_every_n_steps=2)
+    _trainer(args, 6, [probe]).fit(_model(args), _loader(args))
+    return statistics.median(Probe.blocking[1:]), statistics.median(Probe.writing[1:])
+
+
+def replay_speed(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from torch_integrity.replay import replay
+
+    run_dir = tmp / "replay-run"
+    clock = StepClock(0, -1, False)
+    _trainer(args, args.replay_steps, [IntegrityCallback(run_dir, checkpoint_every_n_steps=args.replay_every), clock]).fit(
+        _model(args), _loader(args))
+    windows = []
+    for start in range(0, args.replay_steps, args.replay_every):
+        marks = clock.marks[start : start + args.replay_every]
+        windows.append((len(marks) - 1) / (marks[-1] - marks[0]))
+    report = replay(run_dir)
+    return {
+        "train": statistics.median(windows),
+        "replay": statistics.median([s.steps_per_second for s in report.segments if s.steps_per_second]),
+        "verdicts": sorted({s.verdict.value for s in report.segments}),
+        "segment_wall_s": [s.seconds for s in report.segments],
+        "environment_differences": sorted({d for s in report.segments for d in s.environment_differences}),
+    }
+
+
+def device_line(device: str) -> str:
+    if device != "cuda":
+        return "CPU"
+    from torch_integrity.environment import describe_environment
+
+    env = describe_environment()
+    gpu = env["gpus"][0]
+    return (f"{gpu['name']} (compute capability {gpu['capability']}, {gpu['sm_count']} SMs), driver "
+            f"{env.get('cuda_driver')}, CUDA {env['cuda']}, cuDNN {env['cudnn']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision (e.g. 32-true, bf16-mixed)")
+    parser.add_argument("--vocab", type=int, default=33278)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--ffn", type=int, default=3072)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=60, help="steps per overhead run")
+    parser.add_argument("--skip", type=int, default=10, help="warm-up steps outside the timing window")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--replay-steps", type=int, default=60)
+    parser.add_argument("--replay-every", type=int, default=20)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here (use --device cpu for a smoke test)")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    params = sum(p.numel() for p in _model(args).parameters())
+    base: list[float] = []
+    ours: list[float] = []
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        for repeat in range(args.repeats):
+            base.append(timed_run(args, None))
+            ours.append(timed_run(args, tmp / f"run-{repeat}"))
+            print(f"round {repeat + 1}: baseline {base[-1]:.2f} steps/s, callback {ours[-1]:.2f} steps/s", flush=True)
+        blocking, writing = checkpoint_seconds(args, tmp)
+        speed = replay_speed(args, tmp)
+    b, o = statistics.median(base), statistics.median(ours)
+    step_s = 1 / b
+    interval = blocking / (0.01 * step_s)
+    rows = [
+        ["no callback", f"{b:.2f}", "1.000", "-"],
+        ["IntegrityCallback (per-step hooks, no checkpoint in the window)", f"{o:.2f}", f"{o / b:.3f}", f"{(1 - o / b) * 100:.2f}%"],
+    ]
+    replay_rows = [
+        ["training with IntegrityCallback", f"{speed['train']:.2f}", "1.000"],
+        ["replay (all segments)", f"{speed['replay']:.2f}", f"{speed['replay'] / speed['train']:.3f}"],
+    ]
+    command = "python bench/bench_gpu.py " + " ".join(sys.argv[1:])
+    body = (
+        f"Command: `{command.strip()}`  \n"
+        f"Device: {device_line(args.device)}  \n"
+        f"Host: {machine_line()}  \n"
+        f"Model: Lightning demo Transformer, {params / 1e6:.1f}M parameters (width {args.width}, {args.layers}+{args.layers} "
+        f"layers, feed-forward {args.ffn}, vocabulary {args.vocab}), batch {args.batch} x {args.seq} tokens, SGD with "
+        f"momentum, precision {args.precision}, deterministic. Median of {args.repeats} alternating runs of {args.steps} "
+        f"steps, timed from step {args.skip} to the last step.\n\n"
+        + table(["configuration", "steps/s", "ratio", "overhead"], rows)
+        + f"\n\nOne checkpoint ({params * 4 / 1e6:.0f} MB of fp32 weights plus momentum): the training loop waits "
+        f"{blocking * 1000:.0f} ms (device-to-host copy), the background write and digests finish {writing:.2f} s after "
+        f"it began; a training step takes {step_s * 1000:.1f} ms, so checkpoints cost 1% or less at an interval of "
+        f"{interval:.0f} steps or more.\n\n"
+        f"Replay: {args.replay_steps} steps in segments of {args.replay_every}; verdicts {', '.join(speed['verdicts'])}; "
+        f"environment differences {speed['environment_differences'] or 'none'}.\n\n"
+        + table(["what", "steps/s", "ratio to training"], replay_rows) + "\n"
+    )
+    if args.device != "cuda":  # a smoke test of this script: printed, not recorded
+        print(body)
+        return
+    publish("gpu", "GPU: callback overhead and replay speed", body,
+            {"baseline": base, "callback": ours, "checkpoint_blocking_s": blocking, "checkpoint_written_s": writing,
+             "replay": speed, "params": params, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
