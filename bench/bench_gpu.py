@@ -6,9 +6,9 @@
         --batch 4 --seq 16 --steps 12 --repeats 1 --replay-steps 8 --replay-every 4   # smoke test
 
 Model: Lightning's demo Transformer (``lightning.pytorch.demos.Transformer``: encoder and
-decoder, ``--layers`` each) with vocabulary 33278, width 768, 12 heads, feed-forward 3072
-and 3 layers: 100.8M parameters. Batches of ``--batch`` x ``--seq`` synthetic tokens, SGD
-with momentum, ``Trainer(deterministic=True)``.
+decoder, ``--layers`` each) with vocabulary 33278, width 768, 12 heads, feed-forward 3072, 3 layers and dropout
+0.1: 100.8M parameters. Batches of ``--batch`` x ``--seq`` synthetic tokens, SGD with
+momentum, ``Trainer(deterministic=True)``.
 
 1. Overhead. Runs without and with ``IntegrityCallback`` alternate (``--repeats`` pairs)
    in one process; each trains ``--steps`` steps and is timed from the end of step
@@ -39,37 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from bench._report import machine_line, publish, table
+from bench.bench_models import LanguageModel, TokenData
 from torch_integrity import IntegrityCallback
-
-
-class Tokens(Dataset):
-    def __init__(self, vocab: int, seq: int, count: int) -> None:
-        self.data = torch.randint(0, vocab, (count, seq + 1), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[index, :-1], self.data[index, 1:]
-
-
-class BigTransformer(pl.LightningModule):
-    def __init__(self, vocab: int, width: int, heads: int, ffn: int, layers: int) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        from lightning.pytorch.demos import Transformer
-
-        self.model = Transformer(vocab_size=vocab, ninp=width, nhead=heads, nhid=ffn, nlayers=layers, dropout=0.1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.nll_loss(self.model(x, y), y.view(-1))
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
 class StepClock(pl.Callback):
@@ -93,42 +66,44 @@ def _trainer(args: argparse.Namespace, steps: int, callbacks: list[pl.Callback])
                       enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
 
 
-def _model(args: argparse.Namespace) -> BigTransformer:
+def _model(args: argparse.Namespace) -> LanguageModel:
     pl.seed_everything(0, verbose=False)
-    return BigTransformer(args.vocab, args.width, args.heads, args.ffn, args.layers)
+    return LanguageModel(args.vocab, width=args.width, heads=args.heads, ffn=args.ffn, layers=args.layers, dropout=0.1,
+                         momentum=0.9)
 
 
-def _loader(args: argparse.Namespace) -> DataLoader[Any]:
-    return DataLoader(Tokens(args.vocab, args.seq, 4096), batch_size=args.batch, shuffle=True)
+def _data(args: argparse.Namespace) -> TokenData:
+    return TokenData(args.vocab, batch_size=args.batch, length=args.seq)
 
 
-def timed_run(args: argparse.Namespace, run_dir: Path | None) -> float:
+def timed_run(args: argparse.Namespace, run_dir: Path | None, every: int | None = None) -> float:
     """Steady-state steps/s of one training run (with the callback when ``run_dir`` is given)."""
     clock = StepClock(args.skip, args.steps, args.device == "cuda")
     callbacks: list[pl.Callback] = [clock]
     if run_dir is not None:
-        callbacks.insert(0, IntegrityCallback(run_dir, checkpoint_every_n_steps=args.steps + 1))
-    _trainer(args, args.steps, callbacks).fit(_model(args), _loader(args))
+        callbacks.insert(0, IntegrityCallback(run_dir, checkpoint_every_n_steps=every or args.steps + 1))
+    _trainer(args, args.steps, callbacks).fit(_model(args), _data(args))
     return (len(clock.marks) - 1) / (clock.marks[-1] - clock.marks[0])
 
 
 def checkpoint_seconds(args: argparse.Namespace, tmp: Path) -> tuple[float, float]:
     """Time one checkpoint takes from the training loop's side, and the time to write it fully."""
 
-    class Probe(IntegrityCallback):
-        blocking: list[float] = []
-        writing: list[float] = []
+    blocking: list[float] = []
+    writing: list[float] = []
 
+    class Probe(IntegrityCallback):
         def _checkpoint(self, trainer: pl.Trainer) -> None:
             began = time.perf_counter()
             super()._checkpoint(trainer)
-            Probe.blocking.append(time.perf_counter() - began)
-            self._flush_outbox(block=True)
-            Probe.writing.append(time.perf_counter() - began)
+            if trainer.is_global_zero:
+                blocking.append(time.perf_counter() - began)
+                self._flush_outbox(block=True)
+                writing.append(time.perf_counter() - began)
 
     probe = Probe(tmp / "ckpt-run", checkpoint_every_n_steps=2)
-    _trainer(args, 6, [probe]).fit(_model(args), _loader(args))
-    return statistics.median(Probe.blocking[1:]), statistics.median(Probe.writing[1:])
+    _trainer(args, 6, [probe]).fit(_model(args), _data(args))
+    return statistics.median(blocking[1:]), statistics.median(writing[1:])  # step 0's includes first-time set-up
 
 
 def replay_speed(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -137,7 +112,7 @@ def replay_speed(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     run_dir = tmp / "replay-run"
     clock = StepClock(0, -1, False)
     _trainer(args, args.replay_steps, [IntegrityCallback(run_dir, checkpoint_every_n_steps=args.replay_every), clock]).fit(
-        _model(args), _loader(args))
+        _model(args), _data(args))
     windows = []
     for start in range(0, args.replay_steps, args.replay_every):
         marks = clock.marks[start : start + args.replay_every]
@@ -177,6 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="steps per overhead run")
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps outside the timing window")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpoint-every", type=int, default=25, help="checkpoint interval of the third row")
     parser.add_argument("--replay-steps", type=int, default=60)
     parser.add_argument("--replay-every", type=int, default=20)
     args = parser.parse_args()
@@ -187,20 +163,25 @@ def main() -> None:
     params = sum(p.numel() for p in _model(args).parameters())
     base: list[float] = []
     ours: list[float] = []
+    ours_ckpt: list[float] = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         for repeat in range(args.repeats):
             base.append(timed_run(args, None))
             ours.append(timed_run(args, tmp / f"run-{repeat}"))
-            print(f"round {repeat + 1}: baseline {base[-1]:.2f} steps/s, callback {ours[-1]:.2f} steps/s", flush=True)
+            ours_ckpt.append(timed_run(args, tmp / f"run-ckpt-{repeat}", every=args.checkpoint_every))
+            print(f"round {repeat + 1}: baseline {base[-1]:.2f} steps/s, callback {ours[-1]:.2f}, with checkpoints "
+                  f"{ours_ckpt[-1]:.2f}", flush=True)
         blocking, writing = checkpoint_seconds(args, tmp)
         speed = replay_speed(args, tmp)
-    b, o = statistics.median(base), statistics.median(ours)
+    b, o, c = statistics.median(base), statistics.median(ours), statistics.median(ours_ckpt)
     step_s = 1 / b
     interval = blocking / (0.01 * step_s)
     rows = [
         ["no callback", f"{b:.2f}", "1.000", "-"],
         ["IntegrityCallback (per-step hooks, no checkpoint in the window)", f"{o:.2f}", f"{o / b:.3f}", f"{(1 - o / b) * 100:.2f}%"],
+        [f"IntegrityCallback, a checkpoint every {args.checkpoint_every} steps", f"{c:.2f}", f"{c / b:.3f}",
+         f"{(1 - c / b) * 100:.2f}%"],
     ]
     replay_rows = [
         ["training with IntegrityCallback", f"{speed['train']:.2f}", "1.000"],
@@ -227,8 +208,10 @@ def main() -> None:
     if args.device != "cuda":  # a smoke test of this script: printed, not recorded
         print(body)
         return
-    publish("gpu", "GPU: callback overhead and replay speed", body,
-            {"baseline": base, "callback": ours, "checkpoint_blocking_s": blocking, "checkpoint_written_s": writing,
+    name = "gpu" if args.precision == "32-true" else f"gpu-{args.precision}"
+    publish(name, f"GPU: callback overhead and replay speed ({args.precision})", body,
+            {"baseline": base, "callback": ours, "callback_checkpoints": ours_ckpt,
+             "checkpoint_blocking_s": blocking, "checkpoint_written_s": writing,
              "replay": speed, "params": params, "args": vars(args)})
 
 

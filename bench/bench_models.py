@@ -25,25 +25,27 @@ class Tokens(Dataset):
 
 
 class TokenData(pl.LightningDataModule):
-    def __init__(self, vocab: int = 33278, batch_size: int = 20) -> None:
+    def __init__(self, vocab: int = 33278, batch_size: int = 20, length: int = 35) -> None:
         super().__init__()
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(Tokens(self.hparams["vocab"]), batch_size=self.hparams["batch_size"], shuffle=True)
+        h = self.hparams
+        return DataLoader(Tokens(h["vocab"], length=h["length"]), batch_size=h["batch_size"], shuffle=True)
 
 
 class LanguageModel(pl.LightningModule):
-    """The demo Transformer (dropout 0.2) trained with SGD."""
+    """The demo Transformer trained with SGD (the defaults are the demo's own sizes, dropout 0.2)."""
 
-    def __init__(self, vocab: int = 33278) -> None:
+    def __init__(self, vocab: int = 33278, width: int = 200, heads: int = 2, ffn: int = 200, layers: int = 2,
+                 dropout: float = 0.2, momentum: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = Transformer(vocab_size=vocab)
+        self.model = Transformer(vocab_size=vocab, ninp=width, nhead=heads, nhid=ffn, nlayers=layers, dropout=dropout)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return torch.nn.functional.nll_loss(self.model(x, y), y.view(-1))
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=float(self.hparams["momentum"]))

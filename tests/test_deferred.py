@@ -1,4 +1,4 @@
-"""Step records written behind training (the CUDA path), exercised on CPU.
+"""Records written behind training: step records (the CUDA path) and background checkpoints, on CPU.
 
 On CUDA the callback queues each step record and writes it ``CUDA_RECORD_LAG`` steps
 later, so that reading device values never waits for the GPU; replay runs its
@@ -10,26 +10,37 @@ without a GPU. What only a GPU can show (the asynchronous copies themselves) is 
 
 from __future__ import annotations
 
+import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.lightning_models import SMALL, LossWeightModule, assert_all_reproduced, capture, step_bodies
+from tests.lightning_models import (
+    SMALL,
+    LossWeightModule,
+    assert_all_reproduced,
+    capture,
+    checkpoint_roots,
+    step_bodies,
+)
 from tests.test_resume import Crash, CrashAt
 from torch_integrity import capture as capture_module
 from torch_integrity.audit import verify_run
 from torch_integrity.batch import digest_batch, digest_batch_later
 from torch_integrity.deferred import Later, resolve
 from torch_integrity.demo import DemoDataModule, DemoModule
+from torch_integrity.errors import UsageError
 from torch_integrity.fingerprint import fingerprint_later, fingerprint_tensors
 from torch_integrity.lightning_glue import loss_bits, loss_bits_later
 from torch_integrity.replay import Verdict, replay
 from torch_integrity.rundir import open_run
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:lightning.*")]
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:lightning.*"), pytest.mark.filterwarnings("ignore:.*LeafSpec.*")]
 MODELS = "tests.lightning_models"
 
 
@@ -116,3 +127,69 @@ def test_records_queued_at_a_crash_are_written(tmp_path: Path, lag: int) -> None
         capture(run_dir, DemoModule, partial(DemoDataModule, **SMALL), every=5, extra_callbacks=[CrashAt(8)])
     assert [body["step"] for body in step_bodies(run_dir)] == list(range(1, 9))
     assert verify_run(run_dir).steps == 8  # raises on any integrity failure
+
+
+# ---- checkpoints written in the background ------------------------------------------------------------
+
+
+class _StepTimes(pl.Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def test_checkpoints_are_written_while_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[tuple[str, float, float]] = []
+    real_save = capture_module.save_checkpoint
+
+    def slow_save(*args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        time.sleep(0.3)  # a slow disk: training must not wait for it
+        saved = real_save(*args, **kwargs)
+        writes.append((threading.current_thread().name, began, time.perf_counter()))
+        return saved
+
+    monkeypatch.setattr(capture_module, "save_checkpoint", slow_save)
+    clock = _StepTimes()
+    run_dir = tmp_path / "run"
+    capture(run_dir, DemoModule, partial(DemoDataModule, **SMALL), every=5, extra_callbacks=[clock])
+    assert len(writes) == 4  # steps 0, 5, 10, 12
+    assert all(name.startswith("torch-integrity-checkpoint") for name, _, _ in writes)
+    overlapped = [sum(began < end < done for end in clock.ends) for _, began, done in writes]
+    assert max(overlapped) >= 3, overlapped  # steps ran while a checkpoint was being written
+    order = _ledger_order(run_dir)
+    for position, (kind, step) in enumerate(order):
+        if kind == "checkpoint":
+            assert [s for k, s in order[:position] if k == "step"] == list(range(1, step + 1)), order
+    assert order[-1][0] == "run_end"
+    # each file holds the state of its own step, not of a later one (the snapshot is private)
+    verify_run(run_dir)
+    assert_all_reproduced(replay(run_dir), segments=3)
+
+
+def test_background_and_inline_checkpoints_hold_the_same_state(tmp_path: Path) -> None:
+    capture(tmp_path / "background", DemoModule, partial(DemoDataModule, **SMALL), every=5)
+    capture(tmp_path / "inline", DemoModule, partial(DemoDataModule, **SMALL), every=5,
+            callback_kwargs={"background_checkpoints": False})
+    assert checkpoint_roots(tmp_path / "background") == checkpoint_roots(tmp_path / "inline")
+    assert len(checkpoint_roots(tmp_path / "inline")) == 4
+
+
+def test_a_failed_background_write_stops_training_with_its_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = capture_module.save_checkpoint
+
+    def failing_save(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if "step-000000005" in path.name:
+            raise UsageError(f"cannot write checkpoint {path}: No space left on device")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "save_checkpoint", failing_save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UsageError, match="No space left"):
+        capture(run_dir, DemoModule, partial(DemoDataModule, **SMALL), every=5)
+    history = open_run(run_dir)
+    assert [c.step for c in history.unique_checkpoints()] == [0]
+    assert not history.finished
+    verify_run(run_dir)  # what was recorded still verifies

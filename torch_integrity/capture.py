@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import secrets
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from torch_integrity import lightning_glue as glue
 from torch_integrity.batch import BATCH_ALGORITHM, digest_batch_later
 from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
-from torch_integrity.deferred import Later, resolve
+from torch_integrity.deferred import Later, host_snapshot, resolve
 from torch_integrity.digest import digest_state_dict
 from torch_integrity.environment import code_digest, describe_environment, import_path
 from torch_integrity.errors import UsageError
@@ -80,6 +82,10 @@ class IntegrityCallback(Callback):
         data_manifest: optional dataset manifest (path) the run's samples belong to;
             its root is bound into ``run_start``.
         flush_every: step records buffered before they are handed to the OS.
+        background_checkpoints: write checkpoint files and compute their digests on a
+            background thread while training goes on (the training loop waits only for
+            a host copy of the state; one write at a time). Its ledger record is written
+            once the file is complete, before any later step record.
 
     Example:
         >>> cb = IntegrityCallback("runs/demo", checkpoint_every_n_steps=50)  # doctest: +SKIP
@@ -95,6 +101,7 @@ class IntegrityCallback(Callback):
         record_indices: bool = True,
         data_manifest: str | os.PathLike[str] | None = None,
         flush_every: int = 256,
+        background_checkpoints: bool = True,
     ) -> None:
         if not isinstance(checkpoint_every_n_steps, int) or checkpoint_every_n_steps < 1:
             raise UsageError(f"checkpoint_every_n_steps must be a positive int, got {checkpoint_every_n_steps!r}")
@@ -108,6 +115,9 @@ class IntegrityCallback(Callback):
         self.record_indices = record_indices
         self.data_manifest = Path(data_manifest) if data_manifest is not None else None
         self.flush_every = flush_every
+        self.background_checkpoints = background_checkpoints
+        self._outbox: deque[tuple[str, dict[str, Any] | Future[dict[str, Any]]]] = deque()  # for the ledger, in order
+        self._writer: ThreadPoolExecutor | None = None
         self.run_seed: int = seed if seed is not None else -1  # chosen in setup when not given
         self.run_id = ""
         self._ledger: LedgerWriter | None = None
@@ -218,6 +228,9 @@ class IntegrityCallback(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
@@ -335,6 +348,7 @@ class IntegrityCallback(Callback):
         if self._active and trainer.global_step != self._last_checkpoint_step:
             self._checkpoint(trainer)  # close the last segment
         if self._ledger is not None:
+            self._flush_outbox(block=True)
             self._ledger.append("run_end", {"status": "completed", "step": trainer.global_step}, durable=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -342,6 +356,10 @@ class IntegrityCallback(Callback):
             try:
                 if self.world_size == 1:  # other ranks may be gone: their parts cannot be gathered
                     self._write_records()
+            except Exception:
+                pass
+            try:  # a checkpoint being written is finished and recorded: it can be resumed from
+                self._flush_outbox(block=True)
             except Exception:
                 pass
             try:
@@ -443,7 +461,20 @@ class IntegrityCallback(Callback):
             else:
                 body.update(part)
             if self._ledger is not None:
-                self._ledger.append("step", resolve(body))
+                self._outbox.append(("step", resolve(body)))
+        self._flush_outbox(block=False)
+
+    def _flush_outbox(self, *, block: bool) -> None:
+        """Append finished records to the ledger in order; a checkpoint still being written
+        holds back the records after it (unless ``block``: then wait for it)."""
+        while self._outbox and self._ledger is not None:
+            kind, item = self._outbox[0]
+            if isinstance(item, Future):
+                if not block and not item.done():
+                    return
+                item = item.result()
+            self._outbox.popleft()
+            self._ledger.append(kind, item, durable=kind == "checkpoint")
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -455,9 +486,25 @@ class IntegrityCallback(Callback):
         checkpoint = glue.dump_training_state(trainer)
         if not trainer.is_global_zero or self._ledger is None:
             return
+        self._flush_outbox(block=True)  # one checkpoint write at a time
         dropped: list[str] = []
         state = glue.storable(checkpoint, "", dropped)
-        step = trainer.global_step
+        position = {"step": trainer.global_step, "epoch": trainer.current_epoch, "next_batch_idx": self._next_batch_idx}
+        if not self.background_checkpoints:
+            self._outbox.append(("checkpoint", self._write_checkpoint(state, lambda: None, dropped, **position)))
+            self._flush_outbox(block=True)
+            return
+        snapshot, arrived = host_snapshot(state)  # training may change the live tensors from here on
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-integrity-checkpoint")
+        self._outbox.append(("checkpoint", self._writer.submit(partial(self._write_checkpoint, snapshot, arrived, dropped,
+                                                                       **position))))
+
+    def _write_checkpoint(
+        self, state: dict[str, Any], arrived: Any, dropped: list[str], *, step: int, epoch: int, next_batch_idx: int
+    ) -> dict[str, Any]:
+        """Write one checkpoint file and return its ledger record (runs on the writer thread)."""
+        arrived()
         relative = checkpoint_relative_path(step)
         saved = save_checkpoint(
             self.run_dir / relative,
@@ -467,21 +514,18 @@ class IntegrityCallback(Callback):
         )
         model, optimizer = glue.state_digests(state)
         others = digest_state_dict(glue.optimizer_tensors(state.get("callbacks")))
-        self._ledger.append(
-            "checkpoint",
-            {
-                "step": step,
-                "epoch": trainer.current_epoch,
-                "file": relative,
-                "file_digest": str(saved.file_digest),
-                "model": state_digest_to_json(model),
-                "optimizer": state_digest_to_json(optimizer),
-                "rng_and_loop_root": str(others.root),
-                "data_position": {"epoch": trainer.current_epoch, "next_batch_idx": self._next_batch_idx},
-                "unstored": dropped,
-            },
-            durable=True,
-        )
+        return {
+            "step": step,
+            "epoch": epoch,
+            "file": relative,
+            "file_digest": str(saved.file_digest),
+            "model": state_digest_to_json(model),
+            "optimizer": state_digest_to_json(optimizer),
+            "rng_and_loop_root": str(others.root),
+            "data_position": {"epoch": epoch, "next_batch_idx": next_batch_idx},
+            "unstored": dropped,
+        }
+
 
 def record_lag(device: torch.device) -> int:
     """How many step records stay queued while training on ``device`` (see ``CUDA_RECORD_LAG``)."""

@@ -125,3 +125,44 @@ def _side_stream(device: torch.device) -> Any:
     if stream is None:
         stream = _side_streams[index] = torch.cuda.Stream(device=index)
     return stream
+
+
+def host_snapshot(value: Any) -> tuple[Any, Callable[[], None]]:
+    """A private host copy of every tensor in ``value`` (nested dicts, lists, tuples).
+
+    CUDA tensors are copied into pinned memory on the current stream without waiting (so
+    the copy holds them as the work queued so far leaves them); CPU tensors are cloned.
+    Other values are shared. Returns the copy and a function that waits until every
+    device copy has arrived; call it before reading the copy's tensors.
+    """
+    devices: set[torch.device] = set()
+
+    def copy(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            data = item.detach()
+            if not deferrable(data):
+                return data.clone()
+            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+            host.copy_(data, non_blocking=True)
+            devices.add(data.device)
+            return host
+        if isinstance(item, dict):
+            return {key: copy(v) for key, v in item.items()}
+        if isinstance(item, list):
+            return [copy(v) for v in item]
+        if isinstance(item, tuple) and not hasattr(item, "_fields"):
+            return tuple(copy(v) for v in item)
+        return item
+
+    snapshot = copy(value)
+    events = []
+    for device in devices:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+
+    def arrived() -> None:
+        for event in events:
+            event.synchronize()
+
+    return snapshot, arrived
