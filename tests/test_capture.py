@@ -388,3 +388,23 @@ def test_deterministic_flag_does_not_warn(run_dir: Path) -> None:
         capture(run_dir, DemoModule, lambda: DemoDataModule(**SMALL), max_epochs=1)
     assert not [w for w in caught if "bit-exact" in str(w.message)]
     assert open_run(run_dir).start[0]["trainer"]["deterministic"] is True
+
+
+def test_fetches_outside_training_leave_the_global_rng_alone(run_dir: Path) -> None:
+    """During training the callback restores the training RNG before every batch, so fetches
+    skip saving and restoring the global RNGs; outside training they must restore them."""
+    import random
+
+    import numpy as np
+
+    trainer = capture(run_dir, DemoModule, partial(DemoDataModule, **SMALL), max_epochs=1)
+    loader = trainer.train_dataloader
+    assert type(loader.dataset).__name__ == "SeededDataset"  # still instrumented after fit
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    batches = list(loader)
+    assert len(batches) == 6
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all() and before[2] == after[2]

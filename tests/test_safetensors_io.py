@@ -275,6 +275,18 @@ def test_torch_save_archives_are_named_as_such():
         parse_header(legacy.getvalue(), what="model.pt")
 
 
+@pytest.mark.parametrize("header_len", [0x280, 0x380, 0x480, 0x580])
+def test_headers_whose_length_bytes_look_like_a_pickle_still_load(header_len: int) -> None:
+    """A header of 640 bytes starts the file with 80 02, a pickle's first bytes: still safetensors."""
+    tensor = torch.arange(4, dtype=torch.float32)
+    header = {"__metadata__": {"pad": ""}, "w": entry("F32", [4], 0, 16)}
+    header["__metadata__"]["pad"] = "x" * (header_len - len(json.dumps(header).encode()))
+    data = build(header, tensor.numpy().tobytes())
+    assert data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    assert torch.equal(load_safetensors_buffer(bytearray(data), what="w.safetensors")[0]["w"], tensor)
+    assert torch.equal(safetensors.torch.load(data)["w"], tensor)  # the reference library agrees
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     specs=st.lists(

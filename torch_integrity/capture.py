@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 
 from torch_integrity import lightning_glue as glue
 from torch_integrity.batch import BATCH_ALGORITHM, digest_batch_later
-from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
+from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader, restore_rng_around_fetches
 from torch_integrity.deferred import Later, host_snapshot, resolve
 from torch_integrity.digest import digest_state_dict
 from torch_integrity.environment import code_digest, describe_environment, import_path
@@ -282,6 +282,9 @@ class IntegrityCallback(Callback):
             # the first batch starts from the RNG state the step-0 checkpoint holds, whatever
             # the DataLoader's prefetch consumed in between (as every later batch does)
             self._restore_rng_at_next_batch = capture_global_rng()
+        # from here on every training batch starts by restoring the training RNG, so fetches
+        # need not put the global RNGs back themselves
+        restore_rng_around_fetches(self._loaders, False)
 
     def _run_start_body(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         datamodule = getattr(trainer, "datamodule", None)
@@ -343,6 +346,7 @@ class IntegrityCallback(Callback):
         return {**reference, "path": str(self.data_manifest.resolve())}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_rng_around_fetches(self._loaders, True)
         if self._active:
             self._write_records()
         if self._active and trainer.global_step != self._last_checkpoint_step:
@@ -352,6 +356,7 @@ class IntegrityCallback(Callback):
             self._ledger.append("run_end", {"status": "completed", "step": trainer.global_step}, durable=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        restore_rng_around_fetches(self._loaders, True)
         if self._ledger is not None:
             try:
                 if self.world_size == 1:  # other ranks may be gone: their parts cannot be gathered

@@ -26,7 +26,7 @@ from torch_integrity import capture
 from torch_integrity import lightning_glue as glue
 from torch_integrity.batch import digest_batch_later
 from torch_integrity.capture import resume_rng, resume_skip
-from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader
+from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader, restore_rng_around_fetches
 from torch_integrity.deferred import Later
 from torch_integrity.fingerprint import fingerprint_later
 from torch_integrity.rng import capture_global_rng, restore_global_rng
@@ -170,6 +170,7 @@ class ReplayCallback(Callback):
             restore_global_rng(self._restore_rng)  # as capture does: prefetched batches see it too
         if trainer.global_step != self.segment.start_step:
             self._diverge(trainer.global_step, "steps", self.segment.start_step, trainer.global_step)
+        restore_rng_around_fetches(self._loaders, False)  # each batch restores the training RNG (as capture)
 
     def _diverge(self, step: int, check: str, recorded: Any, reproduced: Any, **extra: Any) -> None:
         if self.divergence is None:
@@ -271,6 +272,7 @@ class ReplayCallback(Callback):
                 check()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore_rng_around_fetches(self._loaders, True)
         self._run_checks(keep=0)
 
     def _step_check(

@@ -104,11 +104,18 @@ def _seed_globals(seed: int) -> None:
 
 
 @contextmanager
-def forked_rng(seed: int) -> Iterator[None]:
+def forked_rng(seed: int, *, restore: bool = True) -> Iterator[None]:
     """Run a block with the global CPU RNGs seeded from ``seed``, then put them back.
 
-    CUDA generators are not touched: data pipelines run on the CPU.
+    CUDA generators are not touched: data pipelines run on the CPU. With
+    ``restore=False`` the outside state is neither saved nor put back (saving NumPy's
+    global state alone costs about 0.1 ms): for callers that restore the global RNGs
+    themselves before anything that depends on them runs.
     """
+    if not restore:
+        _seed_globals(seed)
+        yield
+        return
     py = random.getstate()
     npy = np.random.get_state()
     cpu = torch.get_rng_state()
@@ -149,12 +156,17 @@ class IsolatedStream:
             generator.set_state(value)
 
     @contextmanager
-    def active(self) -> Iterator[None]:
-        """Swap this stream in for the duration of the block."""
-        outside = self._capture()
+    def active(self, *, restore_outside: bool = True) -> Iterator[None]:
+        """Swap this stream in for the duration of the block.
+
+        With ``restore_outside=False`` the outside state is not put back (see
+        :func:`forked_rng`); the stream's own state is kept either way.
+        """
+        outside = self._capture() if restore_outside else None
         self._restore(self._state)
         try:
             yield
         finally:
             self._state = self._capture()
-            self._restore(outside)
+            if outside is not None:
+                self._restore(outside)

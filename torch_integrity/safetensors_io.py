@@ -114,18 +114,25 @@ def parse_header(buffer: bytes | bytearray | memoryview, *, what: str) -> tuple[
     """
     size = len(buffer)
     head = bytes(buffer[:8])
-    if any(head.startswith(magic) for magic in PICKLE_MAGIC):
-        raise MalformedFileError(f"{what} is a pickle or zip archive, not safetensors; it was not loaded")
+    # A safetensors prefix can start like a pickle (a header of 640 bytes is 80 02 00 ...),
+    # so the magic bytes only name what the file is once it fails to be safetensors.
+    pickled = any(head.startswith(magic) for magic in PICKLE_MAGIC)
+
+    def refuse(reason: str) -> MalformedFileError:
+        if pickled:
+            return MalformedFileError(f"{what} is a pickle or zip archive, not safetensors; it was not loaded")
+        return MalformedFileError(reason)
+
     if size < 8:
-        raise MalformedFileError(f"{what} is {size} bytes, too short for a safetensors header")
+        raise refuse(f"{what} is {size} bytes, too short for a safetensors header")
     (header_len,) = struct.unpack("<Q", head)
     if header_len > MAX_HEADER_BYTES:
-        raise MalformedFileError(f"{what}: header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit")
+        raise refuse(f"{what}: header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit")
     if header_len > size - 8:
-        raise MalformedFileError(f"{what}: header claims {header_len} bytes but the file has {size - 8} after the prefix")
+        raise refuse(f"{what}: header claims {header_len} bytes but the file has {size - 8} after the prefix")
     raw = bytes(buffer[8 : 8 + header_len])
     if not raw.startswith(b"{"):
-        raise MalformedFileError(f"{what}: header is not a JSON object")
+        raise refuse(f"{what}: header is not a JSON object")
     header = strict_loads(raw, what=f"{what} header")
     if not isinstance(header, dict):
         raise MalformedFileError(f"{what}: header is not a JSON object")
