@@ -11,12 +11,8 @@ An **approval** is a DSSE envelope (see :mod:`torch_integrity.signing`) of paylo
      "reason": "..."}
 
 :func:`approve` writes one to ``RUN_DIR/approvals/`` after verifying the ledger, the
-checkpoint file and its weights. A **policy** file names the keys allowed to approve
-and how many must agree::
-
-    {"threshold": 2,
-     "keys": [{"id": "ed25519:...", "public_key": "<base64 raw key or PEM>", "name": "alice"},
-              ...]}
+checkpoint file and its weights. A **policy** (:mod:`torch_integrity.policy`) names the
+keys allowed to approve and how many must agree.
 
 :func:`check_approvals` passes only when at least ``threshold`` *distinct* policy keys
 made valid, unexpired approvals of exactly this digest for this run.
@@ -38,8 +34,9 @@ from torch_integrity.digest import STATE_ALGORITHM, Digest
 from torch_integrity.dsse import Envelope, sign_envelope, verified_key_ids
 from torch_integrity.errors import ApprovalError, IntegrityError, MalformedFileError, UsageError
 from torch_integrity.fsutil import atomic_write_bytes
-from torch_integrity.keys import PrivateKey, PublicKey, parse_public_key, read_small_file
+from torch_integrity.keys import PrivateKey
 from torch_integrity.ledger import LedgerHead
+from torch_integrity.policy import Policy, load_policy
 from torch_integrity.rundir import open_run
 from torch_integrity.signing import (
     ensure_folder,
@@ -204,80 +201,6 @@ def approve(
     path = folder / f"{safe_key_name(key.key_id)}-step-{step:09d}-{stamp}-{secrets.token_hex(3)}.json"
     atomic_write_bytes(path, envelope.to_bytes())
     return dataclasses.replace(approval, path=path)
-
-
-# --- policy ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PolicyKey:
-    """A key a policy authorizes: the key and a human name for reports."""
-
-    key: PublicKey
-    name: str
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Who may approve, and how many must.
-
-    Attributes:
-        threshold: the number of distinct keys required (k of n).
-        keys: key id -> authorized key.
-    """
-
-    threshold: int
-    keys: Mapping[str, PolicyKey]
-
-    @property
-    def public_keys(self) -> dict[str, PublicKey]:
-        """Key id -> public key."""
-        return {key_id: entry.key for key_id, entry in self.keys.items()}
-
-    @classmethod
-    def from_json(cls, data: Any, *, what: str = "policy") -> Policy:
-        """Validate a parsed policy document.
-
-        Each key's ``id`` must equal the id derived from its ``public_key`` and a key may
-        appear only once, so no signer can be counted twice.
-
-        Raises:
-            MalformedFileError: anything malformed, inconsistent or duplicated.
-        """
-        if not isinstance(data, dict) or set(data) - {"threshold", "keys", "comment"}:
-            raise MalformedFileError(f"{what}: expected an object with threshold and keys (and an optional comment)")
-        threshold, entries = data.get("threshold"), data.get("keys")
-        if not isinstance(entries, list) or not entries:
-            raise MalformedFileError(f"{what}: keys must be a non-empty list")
-        if type(threshold) is not int or not 1 <= threshold <= len(entries):
-            raise MalformedFileError(f"{what}: threshold must be an integer from 1 to {len(entries)}, got {threshold!r}")
-        keys: dict[str, PolicyKey] = {}
-        for index, entry in enumerate(entries):
-            label = f"{what} key {index}"
-            if not isinstance(entry, dict) or not isinstance(entry.get("public_key"), str):
-                raise MalformedFileError(f"{label}: needs a public_key string")
-            key = parse_public_key(entry["public_key"], what=label)
-            claimed = entry.get("id", key.key_id)
-            if claimed != key.key_id:
-                raise MalformedFileError(f"{label}: id {claimed!r} does not match its public key (id {key.key_id})")
-            if key.key_id in keys:
-                raise MalformedFileError(f"{label}: key {key.key_id} is listed twice; each key counts once")
-            name = entry.get("name", key.key_id)
-            if not isinstance(name, str):
-                raise MalformedFileError(f"{label}: name must be a string")
-            keys[key.key_id] = PolicyKey(key, name)
-        return cls(threshold, keys)
-
-
-def load_policy(path: Path | str) -> Policy:
-    """Read and validate a policy file (see the module docstring for its format).
-
-    Raises:
-        UsageError: the file is missing.
-        MalformedFileError: it is not a valid policy.
-    """
-    data = strict_loads(read_small_file(Path(path), "policy file"), what=f"policy {path}")
-    return Policy.from_json(data, what=f"policy {path}")
 
 
 # --- checking --------------------------------------------------------------------------
