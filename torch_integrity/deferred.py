@@ -131,7 +131,8 @@ def host_snapshot(value: Any) -> tuple[Any, Callable[[], None]]:
     """A private host copy of every tensor in ``value`` (nested dicts, lists, tuples).
 
     CUDA tensors are copied into pinned memory on the current stream without waiting (so
-    the copy holds them as the work queued so far leaves them); CPU tensors are cloned.
+    the copy holds them as the work queued so far leaves them); CPU tensors are cloned;
+    tensors on other devices are copied to the host at once.
     Other values are shared. Returns the copy and a function that waits until every
     device copy has arrived; call it before reading the copy's tensors.
     """
@@ -140,8 +141,8 @@ def host_snapshot(value: Any) -> tuple[Any, Callable[[], None]]:
     def copy(item: Any) -> Any:
         if isinstance(item, torch.Tensor):
             data = item.detach()
-            if not deferrable(data):
-                return data.clone()
+            if not deferrable(data):  # a CPU clone; other devices (MPS, ...) copied to the host now
+                return data.clone() if data.device.type == "cpu" else data.cpu()
             host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
             host.copy_(data, non_blocking=True)
             devices.add(data.device)
