@@ -27,9 +27,11 @@ from tests.lightning_models import (
 )
 from torch_integrity import IntegrityCallback
 from torch_integrity.batch import digest_batch, digest_batch_later
+from torch_integrity.errors import MalformedFileError
 from torch_integrity.fingerprint import fingerprint_later, fingerprint_tensors
 from torch_integrity.lightning_glue import loss_bits, loss_bits_later
 from torch_integrity.replay import replay
+from torch_integrity.rng import capture_global_rng, restore_global_rng
 from torch_integrity.rundir import open_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:lightning.*")]
@@ -56,6 +58,10 @@ def test_capture_and_bit_exact_replay(tmp_path: Path, device: str, model: Any, d
         environment = start["environment"]
         assert environment["gpus"] and environment["gpus"][0]["sm_count"] > 0
         assert environment["cuda"] and environment["cudnn"]
+    history = open_run(run_dir)
+    state, _ = history.load_checkpoint(history.checkpoint_at(6))
+    # the RNG of the one CUDA generator the run trained on, none on CPU
+    assert len(state["callbacks"]["IntegrityCallback"]["rng"]["cuda"]) == (1 if device == "cuda" else 0)
     report = replay(run_dir)
     assert_all_reproduced(report, segments=3)
     assert all(s.environment_differences == [] for s in report.segments), [s.environment_differences for s in report.segments]
@@ -108,3 +114,27 @@ def test_batch_digests_do_not_stall_the_training_stream(tmp_path: Path) -> None:
     trainer.fit(SmallConvNet(), datamodule=ImageDataModule())
     assert [b["step"] for b in step_bodies(tmp_path / "run")] == list(range(1, 7))
     assert_all_reproduced(replay(tmp_path / "run"), segments=1)
+
+
+def test_a_gpu_runs_rng_state_restores_on_cpu() -> None:
+    """Replaying a GPU run on CPU (with --tolerance) restores the CPU RNGs and leaves the
+    recorded CUDA state unused, instead of demanding a GPU."""
+    state = capture_global_rng()
+    expected = torch.rand(3)
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as recorded on a GPU
+    torch.rand(5)
+    restore_global_rng(state)
+    assert torch.equal(torch.rand(3), expected)
+    state["cuda"] = ["not a tensor"]
+    with pytest.raises(MalformedFileError, match="RNG state"):
+        restore_global_rng(state)
+
+
+@pytest.mark.gpu
+def test_recorded_cuda_rng_goes_to_the_device_in_use() -> None:
+    torch.cuda.manual_seed(11)
+    state = capture_global_rng(cuda_device=0)
+    assert len(state["cuda"]) == 1
+    expected = torch.rand(4, device="cuda")
+    restore_global_rng(state, cuda_device=0)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)

@@ -39,7 +39,7 @@ from torch_integrity.errors import UsageError
 from torch_integrity.fingerprint import FINGERPRINT_ALGORITHM, fingerprint_later
 from torch_integrity.fsutil import TEMP_PREFIX
 from torch_integrity.ledger import LEDGER_FILE, LedgerWriter
-from torch_integrity.rng import capture_global_rng, derive_seed, restore_global_rng
+from torch_integrity.rng import capture_global_rng, cuda_index, derive_seed, restore_global_rng
 from torch_integrity.rundir import CHECKPOINT_DIR, RUN_FORMAT, checkpoint_relative_path, state_digest_to_json
 from torch_integrity.store import save_checkpoint
 
@@ -137,6 +137,7 @@ class IntegrityCallback(Callback):
         self.rank = 0
         self.world_size = 1
         self._rng_per_rank: list[Any] | None = None
+        self._cuda_device: int | None = None  # the CUDA device this process trains on
 
     # ---- identity -------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ class IntegrityCallback(Callback):
             "fingerprint_key": self._fingerprint_key,
             "step": trainer.global_step if trainer else 0,
             # the RNG as it was when the last training batch ended (see on_train_batch_start)
-            "rng": self._restore_rng_at_next_batch or capture_global_rng(),
+            "rng": self._restore_rng_at_next_batch or capture_global_rng(self._cuda_device),
             # every rank's RNG (gathered at the checkpoint; rank zero writes the file)
             "rng_per_rank": self._rng_per_rank,
             "data": {
@@ -261,6 +262,7 @@ class IntegrityCallback(Callback):
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._count_real_step))
         self._record_lag = record_lag(pl_module.device)
+        self._cuda_device = cuda_index(pl_module.device)
         self._last_global_step = trainer.global_step
         if self._resume is not None:
             self.run_id = str(self._resume["run_id"])
@@ -268,7 +270,7 @@ class IntegrityCallback(Callback):
             self._restore_rng_at_next_batch = resume_rng(self._resume, self.rank, self.world_size)
             # also now: batches fetched before the first training batch (an IterableDataset's
             # prefetch draws from the global RNG) must see the checkpointed stream
-            restore_global_rng(self._restore_rng_at_next_batch)
+            restore_global_rng(self._restore_rng_at_next_batch, self._cuda_device)
             self._next_batch_idx = int(self._resume["data"]["next_batch_idx"])
             self._last_checkpoint_step = int(self._resume["step"])
         else:
@@ -281,7 +283,7 @@ class IntegrityCallback(Callback):
             self._checkpoint(trainer)
             # the first batch starts from the RNG state the step-0 checkpoint holds, whatever
             # the DataLoader's prefetch consumed in between (as every later batch does)
-            self._restore_rng_at_next_batch = capture_global_rng()
+            self._restore_rng_at_next_batch = capture_global_rng(self._cuda_device)
         # from here on every training batch starts by restoring the training RNG, so fetches
         # need not put the global RNGs back themselves
         restore_rng_around_fetches(self._loaders, False)
@@ -384,7 +386,7 @@ class IntegrityCallback(Callback):
         # The training RNG stream advances only inside training batches: whatever ran since
         # the last batch ended (validation, epoch ends, a resume) is undone here.
         if self._restore_rng_at_next_batch is not None:
-            restore_global_rng(self._restore_rng_at_next_batch)
+            restore_global_rng(self._restore_rng_at_next_batch, self._cuda_device)
             self._restore_rng_at_next_batch = None
         pending = self._pending
         if not pending.batch_indices:
@@ -426,14 +428,14 @@ class IntegrityCallback(Callback):
         self._next_batch_idx = batch_idx + 1
         step = trainer.global_step
         if step == self._last_global_step:
-            self._restore_rng_at_next_batch = capture_global_rng()
+            self._restore_rng_at_next_batch = capture_global_rng(self._cuda_device)
             return
         self._record_step(trainer, pl_module, step)
         previous = self._last_global_step
         self._last_global_step = step
         if step // self.checkpoint_every_n_steps > previous // self.checkpoint_every_n_steps:
             self._checkpoint(trainer)
-        self._restore_rng_at_next_batch = capture_global_rng()
+        self._restore_rng_at_next_batch = capture_global_rng(self._cuda_device)
 
     def _record_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Queue the step record (values still on a GPU are read when it is written)."""
@@ -487,7 +489,7 @@ class IntegrityCallback(Callback):
         self._write_records()  # the step records come before the checkpoint that ends them
         self._last_checkpoint_step = trainer.global_step
         if self.world_size > 1:
-            self._rng_per_rank = glue.gather(trainer, self._restore_rng_at_next_batch or capture_global_rng())
+            self._rng_per_rank = glue.gather(trainer, self._restore_rng_at_next_batch or capture_global_rng(self._cuda_device))
         checkpoint = glue.dump_training_state(trainer)
         if not trainer.is_global_zero or self._ledger is None:
             return

@@ -29,7 +29,7 @@ from torch_integrity.capture import resume_rng, resume_skip
 from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader, restore_rng_around_fetches
 from torch_integrity.deferred import Later
 from torch_integrity.fingerprint import fingerprint_later
-from torch_integrity.rng import capture_global_rng, restore_global_rng
+from torch_integrity.rng import capture_global_rng, cuda_index, restore_global_rng
 from torch_integrity.segments import Segment, rank_view
 
 
@@ -116,6 +116,7 @@ class ReplayCallback(Callback):
         self.world_size = 1
         self.environment: dict[str, Any] | None = None
         self.step_times: list[float] = []  # perf_counter at the end of each replayed step
+        self._cuda_device: int | None = None  # the CUDA device this process replays on
 
     @property
     def state_key(self) -> str:
@@ -165,9 +166,10 @@ class ReplayCallback(Callback):
 
         self.environment = describe_environment()
         self._check_lag = capture.record_lag(pl_module.device)
+        self._cuda_device = cuda_index(pl_module.device)
         if self._resume is not None:
             self._restore_rng = resume_rng(self._resume, self.rank, self.world_size)
-            restore_global_rng(self._restore_rng)  # as capture does: prefetched batches see it too
+            restore_global_rng(self._restore_rng, self._cuda_device)  # as capture does: prefetched batches see it too
         if trainer.global_step != self.segment.start_step:
             self._diverge(trainer.global_step, "steps", self.segment.start_step, trainer.global_step)
         restore_rng_around_fetches(self._loaders, False)  # each batch restores the training RNG (as capture)
@@ -181,7 +183,7 @@ class ReplayCallback(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._restore_rng is not None:
-            restore_global_rng(self._restore_rng)
+            restore_global_rng(self._restore_rng, self._cuda_device)
             self._restore_rng = None
         if self.divergence is not None:
             return
@@ -229,7 +231,7 @@ class ReplayCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._losses.append(glue.loss_bits_later(outputs))
-        self._restore_rng = capture_global_rng()  # RNG advances only inside training batches
+        self._restore_rng = capture_global_rng(self._cuda_device)  # RNG advances only inside training batches
         step = trainer.global_step
         if step == self._last_global_step:
             return

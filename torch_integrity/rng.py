@@ -40,8 +40,22 @@ def derive_seed(*parts: object) -> int:
     return struct.unpack("<Q", hashlib.sha256(b"torch-integrity:seed:v1\x00" + text).digest()[:8])[0]
 
 
-def capture_global_rng() -> dict[str, Any]:
-    """Capture the global RNGs as storable values."""
+def cuda_index(device: torch.device) -> int | None:
+    """The CUDA device index a process trains on, or None when it does not train on CUDA."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capture_global_rng(cuda_device: int | None = None) -> dict[str, Any]:
+    """Capture the global RNGs as storable values.
+
+    Args:
+        cuda_device: the CUDA device this process trains on; its generator's state is
+            captured too (``"cuda"``: a one-item list). Other devices' generators are
+            not: they draw nothing for this process's training, and a replay may run on
+            another device index or on a machine with fewer GPUs.
+    """
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple)
@@ -57,13 +71,21 @@ def capture_global_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": [],
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [t for t in torch.cuda.get_rng_state_all()]
+    if cuda_device is not None:
+        state["cuda"] = [torch.cuda.get_rng_state(cuda_device)]
     return state
 
 
-def restore_global_rng(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_global_rng` captured."""
+def restore_global_rng(state: dict[str, Any], cuda_device: int | None = None) -> None:
+    """Restore what :func:`capture_global_rng` captured.
+
+    Args:
+        state: the captured state.
+        cuda_device: the CUDA device this process trains on. The recorded CUDA state goes
+            to its generator, whatever device index it was recorded on. Without one
+            (training on CPU, or replaying a GPU run on CPU), recorded CUDA states are
+            left unused.
+    """
     try:
         py = state["python"]
         random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
@@ -75,13 +97,18 @@ def restore_global_rng(state: dict[str, Any]) -> None:
         )
         torch.set_rng_state(_byte_tensor(state["torch"]))
         cuda = state.get("cuda") or []
-        if cuda:
-            if not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda):
-                raise MalformedFileError(
-                    f"the checkpoint holds RNG state for {len(cuda)} CUDA devices; this machine has "
-                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
-                )
-            torch.cuda.set_rng_state_all([_byte_tensor(t) for t in cuda])
+        if not isinstance(cuda, list):
+            raise TypeError("cuda must be a list")
+        if cuda and cuda_device is not None:
+            # one state: the recording process's own device. Several (written before only the
+            # training device was kept): all of that machine's devices, by index.
+            recorded = cuda[0] if len(cuda) == 1 else cuda[cuda_device] if cuda_device < len(cuda) else None
+            if recorded is None:
+                raise MalformedFileError(f"the checkpoint holds no RNG state for CUDA device {cuda_device}")
+            torch.cuda.set_rng_state(_byte_tensor(recorded), cuda_device)
+        else:
+            for value in cuda:
+                _byte_tensor(value)  # malformed entries are refused even when unused
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedFileError(f"malformed RNG state: {exc}") from None
 
