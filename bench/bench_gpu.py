@@ -76,12 +76,13 @@ def _data(args: argparse.Namespace) -> TokenData:
     return TokenData(args.vocab, batch_size=args.batch, length=args.seq)
 
 
-def timed_run(args: argparse.Namespace, run_dir: Path | None, every: int | None = None) -> float:
+def timed_run(args: argparse.Namespace, run_dir: Path | None, every: int | None = None, fingerprint: bool = False) -> float:
     """Steady-state steps/s of one training run (with the callback when ``run_dir`` is given)."""
     clock = StepClock(args.skip, args.steps, args.device == "cuda")
     callbacks: list[pl.Callback] = [clock]
     if run_dir is not None:
-        callbacks.insert(0, IntegrityCallback(run_dir, checkpoint_every_n_steps=every or args.steps + 1))
+        callbacks.insert(0, IntegrityCallback(run_dir, checkpoint_every_n_steps=every or args.steps + 1,
+                                              fingerprint_every_n_steps=1 if fingerprint else 0))
     _trainer(args, args.steps, callbacks).fit(_model(args), _data(args))
     return (len(clock.marks) - 1) / (clock.marks[-1] - clock.marks[0])
 
@@ -164,17 +165,19 @@ def main() -> None:
     base: list[float] = []
     ours: list[float] = []
     ours_ckpt: list[float] = []
+    ours_fp: list[float] = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         for repeat in range(args.repeats):
             base.append(timed_run(args, None))
             ours.append(timed_run(args, tmp / f"run-{repeat}"))
             ours_ckpt.append(timed_run(args, tmp / f"run-ckpt-{repeat}", every=args.checkpoint_every))
+            ours_fp.append(timed_run(args, tmp / f"run-fp-{repeat}", fingerprint=True))
             print(f"round {repeat + 1}: baseline {base[-1]:.2f} steps/s, callback {ours[-1]:.2f}, with checkpoints "
-                  f"{ours_ckpt[-1]:.2f}", flush=True)
+                  f"{ours_ckpt[-1]:.2f}, with fingerprints {ours_fp[-1]:.2f}", flush=True)
         blocking, writing = checkpoint_seconds(args, tmp)
         speed = replay_speed(args, tmp)
-    b, o, c = statistics.median(base), statistics.median(ours), statistics.median(ours_ckpt)
+    b, o, c, f = (statistics.median(x) for x in (base, ours, ours_ckpt, ours_fp))
     step_s = 1 / b
     interval = blocking / (0.01 * step_s)
     rows = [
@@ -182,6 +185,8 @@ def main() -> None:
         ["IntegrityCallback (per-step hooks, no checkpoint in the window)", f"{o:.2f}", f"{o / b:.3f}", f"{(1 - o / b) * 100:.2f}%"],
         [f"IntegrityCallback, a checkpoint every {args.checkpoint_every} steps", f"{c:.2f}", f"{c / b:.3f}",
          f"{(1 - c / b) * 100:.2f}%"],
+        ["IntegrityCallback + weight fingerprint every step (on the device)", f"{f:.2f}", f"{f / b:.3f}",
+         f"{(1 - f / b) * 100:.2f}%"],
     ]
     replay_rows = [
         ["training with IntegrityCallback", f"{speed['train']:.2f}", "1.000"],
@@ -210,7 +215,7 @@ def main() -> None:
         return
     name = "gpu" if args.precision == "32-true" else f"gpu-{args.precision}"
     publish(name, f"GPU: callback overhead and replay speed ({args.precision})", body,
-            {"baseline": base, "callback": ours, "callback_checkpoints": ours_ckpt,
+            {"baseline": base, "callback": ours, "callback_checkpoints": ours_ckpt, "callback_fingerprint": ours_fp,
              "checkpoint_blocking_s": blocking, "checkpoint_written_s": writing,
              "replay": speed, "params": params, "args": vars(args)})
 
