@@ -2,6 +2,9 @@
 start the second rank by re-running this command line.
 
     python tests/ddp_script.py RUN_DIR [CKPT_PATH]
+
+``TI_EVERY`` sets the checkpoint interval (default 3); ``TI_TEST_RECORD_LAG`` makes the
+callback write step records that many steps behind training on every rank.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from torch_integrity.demo import DemoDataModule, DemoModule
 
 def main() -> None:
     warnings.filterwarnings("ignore")
+    lag = os.environ.get("TI_TEST_RECORD_LAG")
+    if lag is not None:  # write step records this many steps late, as on CUDA (test only)
+        import torch_integrity.capture
+
+        torch_integrity.capture.record_lag = lambda device: int(lag)
     run_dir = sys.argv[1]
     ckpt = sys.argv[2] if len(sys.argv) > 2 else None
     pl.seed_everything(11, verbose=False)

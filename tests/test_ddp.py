@@ -22,9 +22,10 @@ SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
-def capture(run_dir: Path, ckpt: Path | None = None) -> None:
+def capture(run_dir: Path, ckpt: Path | None = None, **env: str) -> None:
     command = [sys.executable, str(SCRIPT), str(run_dir)] + ([str(ckpt)] if ckpt else [])
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -61,6 +62,17 @@ def test_resume_is_bit_exact(ddp_run: Path, tmp_path: Path) -> None:
     for step in (6, 8):
         a, b = original.checkpoint_at(step), again.checkpoint_at(step)
         assert a.model.root == b.model.root and a.optimizer.root == b.optimizer.root
+
+
+def test_records_written_behind_training_pair_up_across_ranks(ddp_run: Path, tmp_path: Path) -> None:
+    """With step records written two steps late (as on CUDA), every rank gathers at the same
+    steps: the records and checkpoints are those of the run that wrote them at once."""
+    lagged = tmp_path / "run"
+    capture(lagged, TI_TEST_RECORD_LAG="2")
+    assert [r.body for r in open_run(lagged).iter_steps()] == [r.body for r in open_run(ddp_run).iter_steps()]
+    assert [(c.step, c.model.root) for c in open_run(lagged).unique_checkpoints()] == [
+        (c.step, c.model.root) for c in open_run(ddp_run).unique_checkpoints()]
+    verify_run(lagged)
 
 
 def test_replay_reproduces_every_segment_bit_for_bit(ddp_run: Path) -> None:
