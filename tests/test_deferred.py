@@ -36,7 +36,7 @@ from torch_integrity.deferred import Later, resolve
 from torch_integrity.demo import DemoDataModule, DemoModule
 from torch_integrity.errors import UsageError
 from torch_integrity.fingerprint import fingerprint_later, fingerprint_tensors
-from torch_integrity.lightning_glue import loss_bits, loss_bits_later
+from torch_integrity.lightning_glue import loss_bits, loss_bits_later, optimizer_lrs
 from torch_integrity.replay import Verdict, replay
 from torch_integrity.rundir import open_run
 
@@ -75,6 +75,8 @@ def test_deferred_cpu_values_equal_the_immediate_ones() -> None:
     assert loss_bits_later({"loss": loss}).result() == loss_bits(loss) == "bfloat16:3e80"
     weights = [("w", torch.randn(50, 30)), ("b", torch.randn(7))]
     assert fingerprint_later(weights, key=5).result() == fingerprint_tensors(weights, key=5)
+    tensor_lr = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=torch.tensor(0.0125))
+    assert optimizer_lrs(tensor_lr) == [float(torch.tensor(0.0125))]  # a CPU tensor lr is read at once
 
 
 def _ledger_order(run_dir: Path) -> list[tuple[str, int | None]]:

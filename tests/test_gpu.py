@@ -27,9 +27,10 @@ from tests.lightning_models import (
 )
 from torch_integrity import IntegrityCallback
 from torch_integrity.batch import digest_batch, digest_batch_later
+from torch_integrity.deferred import resolve
 from torch_integrity.errors import MalformedFileError
 from torch_integrity.fingerprint import fingerprint_later, fingerprint_tensors
-from torch_integrity.lightning_glue import loss_bits, loss_bits_later
+from torch_integrity.lightning_glue import loss_bits, loss_bits_later, optimizer_lrs
 from torch_integrity.replay import replay
 from torch_integrity.rng import capture_global_rng, restore_global_rng
 from torch_integrity.rundir import open_run
@@ -78,11 +79,15 @@ def test_device_values_are_snapshots_read_later() -> None:
     weights = [("w", torch.randn(300, 301, device="cuda")), ("b", torch.randn(5, device="cuda"))]
     weights_on_host = [(name, t.cpu()) for name, t in weights]
 
+    lr = torch.tensor(0.0125, device="cuda")  # a capturable optimizer's tensor learning rate
+    optimizer = torch.optim.Adam([torch.zeros(2, device="cuda", requires_grad=True)], lr=lr, capturable=True)
+
     torch.cuda.set_sync_debug_mode("error")  # starting the reads must not wait for the GPU
     try:
         digest = digest_batch_later(batch)
         bits = loss_bits_later({"loss": loss})
         fingerprint = fingerprint_later(weights, key=9)
+        rates = optimizer_lrs(optimizer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     small.add_(1)  # in-place changes queued after the reads started do not reach them
@@ -92,6 +97,7 @@ def test_device_values_are_snapshots_read_later() -> None:
     assert digest.result() == digest_batch(on_host).hex
     assert bits.result() == loss_bits(torch.tensor(1.5))
     assert fingerprint.result() == fingerprint_tensors(weights_on_host, key=9)
+    assert resolve(rates) == [lr.item()]
 
 
 class _NoWaitCallback(IntegrityCallback):

@@ -60,7 +60,7 @@ class _PendingStep:
     sizes: list[int] = field(default_factory=list)
     data: list[Later[str]] = field(default_factory=list)
     losses: list[Later[str | None]] = field(default_factory=list)
-    lrs: list[list[float | str]] = field(default_factory=list)
+    lrs: list[list[Any]] = field(default_factory=list)  # floats, or Later values read from a GPU
     real_steps: int = 0
 
 

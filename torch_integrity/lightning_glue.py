@@ -11,6 +11,7 @@ import math
 import struct
 import warnings
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +87,30 @@ def loss_bits_later(outputs: Any) -> Later[str | None]:
     return Later.ready(f"{name}:{value.cpu().view(torch.uint8).numpy().tobytes()[::-1].hex()}")
 
 
+def _host_float(copy: HostCopy, dtype: torch.dtype) -> float:
+    return float(torch.frombuffer(bytearray(copy.bytes()), dtype=dtype)[0])
+
+
 def float_bits(value: float) -> str:
     """IEEE-754 bits of a Python float, as 16 hex digits (big-endian)."""
     return struct.pack(">d", value).hex()
 
 
-def optimizer_lrs(optimizer: torch.optim.Optimizer) -> list[float | str]:
-    """The learning rate of each parameter group, as recorded (float or tensor value)."""
-    rates: list[float | str] = []
+def optimizer_lrs(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """The learning rate of each parameter group, as recorded (float, or str for odd values).
+
+    A tensor learning rate on a CUDA device (``capturable`` optimizers) is read later,
+    without waiting for the GPU: its entry is a :class:`~torch_integrity.deferred.Later`
+    (see :func:`torch_integrity.deferred.resolve`).
+    """
+    rates: list[Any] = []
     for group in optimizer.param_groups:
         lr = group.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1 and deferrable(lr):
+            value = lr.detach().reshape(1)
+            copy = HostCopy(value.view(torch.uint8))
+            rates.append(Later(partial(_host_float, copy, value.dtype)))
+            continue
         if isinstance(lr, torch.Tensor):
             lr = lr.item()
         rates.append(float(lr) if isinstance(lr, int | float) else str(lr))

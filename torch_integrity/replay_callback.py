@@ -27,7 +27,7 @@ from torch_integrity import lightning_glue as glue
 from torch_integrity.batch import digest_batch_later
 from torch_integrity.capture import resume_rng, resume_skip
 from torch_integrity.data import Instrumented, IterationPlan, instrument_dataloader, restore_rng_around_fetches
-from torch_integrity.deferred import Later
+from torch_integrity.deferred import Later, resolve
 from torch_integrity.fingerprint import fingerprint_later
 from torch_integrity.rng import capture_global_rng, cuda_index, restore_global_rng
 from torch_integrity.segments import Segment, rank_view
@@ -109,7 +109,7 @@ class ReplayCallback(Callback):
         self._checks: deque[tuple[int, Callable[[], None]]] = deque()  # (step count, comparison) not yet run
         self._steps_ended = 0
         self._check_lag = 0
-        self._lrs: list[list[float | str]] = []
+        self._lrs: list[list[Any]] = []
         self._last_global_step = segment.start_step
         self.fingerprint_key = 0
         self.rank = 0
@@ -278,7 +278,7 @@ class ReplayCallback(Callback):
         self._run_checks(keep=0)
 
     def _step_check(
-        self, body: dict[str, Any], losses: list[Later[str | None]], lrs: list[list[float | str]], pl_module: Any,
+        self, body: dict[str, Any], losses: list[Later[str | None]], lrs: list[list[Any]], pl_module: Any,
         batch_idx: int,
     ) -> Callable[[], None]:
         """The comparison of one step's loss, learning rates and fingerprint (values read when it runs)."""
@@ -298,8 +298,9 @@ class ReplayCallback(Callback):
                 if self.tolerance is None or not self._losses_close(recorded_loss, reproduced_loss):
                     self._diverge(step, "loss", recorded_loss, reproduced_loss, **where)
                     return
-            if body.get("lr") != lrs:
-                self._diverge(step, "lr", body.get("lr"), lrs, **where)
+            reproduced_lrs = resolve(lrs)
+            if body.get("lr") != reproduced_lrs:
+                self._diverge(step, "lr", body.get("lr"), reproduced_lrs, **where)
                 return
             if fingerprint is not None and fingerprint.result() != recorded_fp:
                 self._diverge(step, "weights", f"fingerprint {recorded_fp}", f"fingerprint {fingerprint.result()}", **where)
