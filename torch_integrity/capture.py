@@ -48,6 +48,8 @@ STATE_FORMAT = "torch-integrity-callback-state-v1"
 #: On CUDA, step records are written this many optimizer steps behind training, so that
 #: reading their device values (batch digest, loss, fingerprint) never waits for the GPU.
 CUDA_RECORD_LAG = 2
+#: Step-record fields whose values may be :class:`~torch_integrity.deferred.Later`.
+_DEFERRED_FIELDS = frozenset({"data", "loss", "lr", "fp"})
 
 
 @dataclass
@@ -462,13 +464,15 @@ class IntegrityCallback(Callback):
         """
         while len(self._unwritten) > keep:
             body, part = self._unwritten.popleft()
-            part = resolve(part)
+            for fields in (body, part):  # the values that may still be on their way from a GPU
+                for name in _DEFERRED_FIELDS.intersection(fields):
+                    fields[name] = resolve(fields[name])
             if self.world_size > 1 and self._trainer is not None:
                 body["ranks"] = glue.gather(self._trainer, part)
             else:
                 body.update(part)
             if self._ledger is not None:
-                self._outbox.append(("step", resolve(body)))
+                self._outbox.append(("step", body))
         self._flush_outbox(block=False)
 
     def _flush_outbox(self, *, block: bool) -> None:

@@ -93,11 +93,8 @@ class HostCopy:
             raise ValueError("HostCopy takes a flat uint8 CUDA tensor")
         self._host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
         self._event = torch.cuda.Event()
-        if flat.numel() == 0:
-            self._event.record(torch.cuda.current_stream(flat.device))
-            return
         current = torch.cuda.current_stream(flat.device)
-        if flat.numel() <= DIRECT_COPY_BYTES:
+        if flat.numel() <= DIRECT_COPY_BYTES:  # (an empty tensor copies nothing)
             self._host.copy_(flat, non_blocking=True)
             self._event.record(current)
             return
@@ -108,10 +105,6 @@ class HostCopy:
             self._host.copy_(snapshot, non_blocking=True)
             self._event.record(side)
         snapshot.record_stream(side)  # its memory is not reused before the side stream is done
-
-    def ready(self) -> bool:
-        """True once the bytes have arrived (never waits)."""
-        return bool(self._event.query())
 
     def bytes(self) -> memoryview:
         """The tensor's bytes (waits for the copy if it has not finished)."""
