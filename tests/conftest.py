@@ -21,3 +21,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 steps, a checkpoint every 5: segment 0 reproduces, 1 and 2 diverge (state outside
+    the state dict). Shared by the replay and executor tests."""
+    from functools import partial
+
+    from tests.lightning_models import SMALL, HiddenStateModule, capture
+    from torch_integrity.demo import DemoDataModule
+
+    run_dir = tmp_path_factory.mktemp("mixed") / "run"
+    capture(run_dir, HiddenStateModule, partial(DemoDataModule, **SMALL), max_epochs=2, every=5)
+    return run_dir

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lightning_models import SMALL, HiddenStateModule, capture
+from tests.lightning_models import SMALL, capture
 from torch_integrity.cli import main as cli
 from torch_integrity.demo import DemoDataModule, DemoModule
 from torch_integrity.errors import UsageError
@@ -51,14 +51,6 @@ def _summary(results: list[SegmentResult]) -> list[tuple]:
          None if s.divergence is None else (s.divergence["step"], s.divergence["check"]))
         for s in results
     ]
-
-
-@pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 steps, a checkpoint every 5: segment 0 reproduces, 1 and 2 diverge (state outside the state dict)."""
-    run_dir = tmp_path_factory.mktemp("executors") / "mixed"
-    capture(run_dir, HiddenStateModule, partial(DemoDataModule, **SMALL), max_epochs=2, every=5)
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from tests.lightning_models import SMALL, HiddenStateModule, assert_all_reproduced, capture
+from tests.lightning_models import SMALL, assert_all_reproduced, capture
 from torch_integrity.demo import DemoDataModule, DemoModule
 from torch_integrity.errors import UsageError
 from torch_integrity.replay import SegmentResult, Verdict, replay, replay_segment
@@ -27,14 +27,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """18 steps (3 epochs of 6 batches), a checkpoint every 4 steps: 5 segments."""
     run_dir = tmp_path_factory.mktemp("replay") / "run"
     capture(run_dir, DemoModule, partial(DemoDataModule, **SMALL), max_epochs=3, every=4)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run whose later segments cannot reproduce (state outside the state dict)."""
-    run_dir = tmp_path_factory.mktemp("replay") / "run"
-    capture(run_dir, HiddenStateModule, partial(DemoDataModule, **SMALL), max_epochs=2, every=5)
     return run_dir
 
 
